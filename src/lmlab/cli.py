@@ -1,0 +1,96 @@
+"""The `lmlab` command line: one sub-command group per family, imported only when used.
+
+``lmlab --help`` imports none of torch, transformers or a family's code, so it starts in well under
+a second (tests/test_cli.py measures it). A family adds itself with one line in :data:`COMMANDS`.
+User errors (:class:`lmlab.errors.LmlabError`) print one line and exit 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from lmlab.errors import LmlabError
+
+# name -> ("module:attribute", one-line help shown by `lmlab --help` without importing the module)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "ls": ("lmlab.cli:ls_command", "List every technique of the roundup and its status."),
+    "models": ("lmlab.lm.cli:models_group", "Models that load here (named, tiny presets, local folders)."),
+    "lm": ("lmlab.lm.cli:lm_group", "The LM substrate: tokenizer, training, perplexity, demo."),
+    "serve-lm": ("lmlab.lm.server:serve_lm_command", "Serve a model with an OpenAI-compatible HTTP API."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose sub-commands are imported on first use (click's documented lazy pattern)."""
+
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        target, _ = COMMANDS[name]
+        mod_name, attr = target.split(":")
+        return getattr(importlib.import_module(mod_name), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lmlab")
+def cli():
+    """lmlab: the August 2023 research roundup as components for your own models and data."""
+
+
+@click.command("ls")
+@click.option("--markdown", is_flag=True, help="Print README's technique table instead.")
+@click.option("--family", default=None, help="Only this family (silo, moe, curate, ...).")
+def ls_command(markdown: bool, family: str | None):
+    """List every technique of the roundup: paper, module, command, recipe and status."""
+    from lmlab import registry
+
+    if markdown:
+        click.echo(registry.markdown_table(), nl=False)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_lines=False)
+    for col in ("key", "arXiv", "family", "command", "status", "title"):
+        table.add_column(col, overflow="fold")
+    for t in registry.TECHNIQUES:
+        if family and t.family != family:
+            continue
+        table.add_row(t.key, t.arxiv, t.family, t.cli or "-", t.status, t.title)
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: run the CLI, turning LmlabError into one line and exit code 2."""
+    try:
+        cli.main(args=argv, prog_name="lmlab", standalone_mode=False)
+    except LmlabError as e:
+        click.echo(f"lmlab: error: {e}", err=True)
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("lmlab: interrupted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("lmlab: interrupted (what was written so far is intact; re-run to resume)", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

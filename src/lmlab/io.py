@@ -1,0 +1,108 @@
+"""Crash-safe file writing: temporary names renamed into place, manifests with checksums.
+
+Everything lmlab builds (tokenizers, checkpoints, token shards, datastores) goes through these
+helpers, so an interrupt leaves either the old artefact or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from lmlab.errors import DataError
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike):
+    """Yield a temporary folder beside ``final``; on success replace ``final`` with it.
+
+    On an exception the temporary folder is removed and ``final`` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(folder: str | os.PathLike, info: dict, *, checksum: bool = True) -> dict:
+    """Write ``folder/manifest.json``: ``info`` plus the size and sha256 of every file in the folder."""
+    folder = Path(folder)
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            rel = str(p.relative_to(folder))
+            files[rel] = {"bytes": p.stat().st_size}
+            if checksum:
+                files[rel]["sha256"] = sha256_file(p)
+    from lmlab import __version__
+
+    manifest = {"lmlab_version": __version__, **info, "files": files}
+    write_json_atomic(folder / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder: str | os.PathLike, *, verify: bool = False) -> dict:
+    """Read ``folder/manifest.json``; with ``verify`` check every listed file's size and checksum."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{folder} has no {MANIFEST}: it was not built by lmlab, or its build did not finish")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if verify:
+        for rel, meta in manifest.get("files", {}).items():
+            p = folder / rel
+            if not p.is_file() or p.stat().st_size != meta["bytes"]:
+                raise DataError(f"{p} is missing or has the wrong size: {folder} is incomplete or corrupted")
+            if "sha256" in meta and sha256_file(p) != meta["sha256"]:
+                raise DataError(f"{p} does not match its checksum in {path}: the file was changed or corrupted")
+    return manifest
