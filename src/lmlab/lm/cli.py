@@ -30,3 +30,93 @@ def models_ls():
 @click.group("lm")
 def lm_group():
     """The LM substrate: tokenizers, training, perplexity, and the end-to-end demo."""
+
+
+@lm_group.command("tokenizer")
+@click.option("--data", "data_path", required=True, type=click.Path(), help="File or folder of text (.txt/.md/.jsonl).")
+@click.option("--vocab-size", default=8192, show_default=True)
+@click.option("--out", required=True, type=click.Path(), help="Folder to write the HF tokenizer to.")
+def tokenizer_cmd(data_path, vocab_size, out):
+    """Train a byte-level BPE tokenizer on your text."""
+    from lmlab.lm import data, tokenizer
+
+    tok = tokenizer.train_bpe(data.read_texts(data_path), vocab_size=vocab_size, out_dir=out)
+    click.echo(f"wrote {out} (vocabulary {len(tok)})")
+
+
+@lm_group.command("tokenize")
+@click.option("--data", "data_path", required=True, type=click.Path(), help="File or folder of text (.txt/.md/.jsonl).")
+@click.option("--tokenizer", "tok_spec", required=True,
+              help="A tokenizer folder, or a model spec whose tokenizer to use (e.g. smollm2-135m).")
+@click.option("--out", required=True, type=click.Path(), help="Folder for train/ and validation/ shards.")
+@click.option("--validation-fraction", default=0.05, show_default=True)
+def tokenize_cmd(data_path, tok_spec, out, validation_fraction):
+    """Tokenize text into train/validation token shards for `lmlab lm train`."""
+    from lmlab.lm import data
+
+    tok = _load_tokenizer(tok_spec)
+    folders = data.build_token_shards(data.read_texts(data_path), tok, out, validation_fraction=validation_fraction,
+                                      source=str(data_path))
+    for split, folder in folders.items():
+        m = data.TokenShards(folder).manifest
+        click.echo(f"{split}: {m['documents']} documents, {m['tokens']} tokens -> {folder}")
+
+
+def _load_tokenizer(spec: str):
+    from pathlib import Path
+
+    from lmlab.lm import models, tokenizer
+
+    if Path(spec).is_dir() and not (Path(spec) / "config.json").is_file():
+        return tokenizer.load(spec)
+    return models.load(spec).tokenizer
+
+
+@lm_group.command("train")
+@click.option("--model", "model_spec", required=True,
+              help="tiny:<preset> (random init), a named model, or a HF folder (e.g. another run's model/).")
+@click.option("--tokenizer", "tok_dir", default=None, type=click.Path(),
+              help="Tokenizer folder for tiny:* models (default: the byte-level tokenizer).")
+@click.option("--data", "data_dir", required=True, type=click.Path(), help="Output of `lmlab lm tokenize`.")
+@click.option("--out", required=True, type=click.Path(), help="Run folder; an existing run there is resumed.")
+@click.option("--steps", "max_steps", default=1000, show_default=True)
+@click.option("--seq-len", default=256, show_default=True)
+@click.option("--batch-size", default=16, show_default=True, help="Windows per micro-batch, per process.")
+@click.option("--grad-accum", default=1, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--min-lr", default=1e-4, show_default=True)
+@click.option("--warmup", "warmup_steps", default=100, show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "constant", "rewarm"]), default="cosine", show_default=True)
+@click.option("--rewarm-start-lr", default=0.0, show_default=True)
+@click.option("--eval-every", default=100, show_default=True)
+@click.option("--save-every", default=200, show_default=True)
+@click.option("--log-every", default=10, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", default=0, help="torch threads per process (0: torch's default).")
+@click.option("--no-resume", is_flag=True, help="Refuse to continue an existing run in --out.")
+def train_cmd(model_spec, tok_dir, data_dir, out, threads, no_resume, **cfg):
+    """Train a causal LM on token shards (resumable; runs under torchrun for DDP)."""
+    from pathlib import Path
+
+    import torch
+
+    from lmlab.errors import ConfigError
+    from lmlab.lm import data, models, tokenizer
+    from lmlab.lm.train import Trainer, TrainConfig, latest_checkpoint
+
+    if threads:
+        torch.set_num_threads(threads)
+    if no_resume and latest_checkpoint(out) is not None:
+        raise ConfigError(f"{out} already holds a run; drop --no-resume to continue it, or pick another --out")
+    tok = tokenizer.load(tok_dir) if tok_dir else None
+    loaded = models.load(model_spec, tokenizer=tok, seed=cfg["seed"])
+    train_dir, val_dir = Path(data_dir) / "train", Path(data_dir) / "validation"
+    validation = data.TokenShards(val_dir) if (val_dir / "manifest.json").is_file() else None
+    trainer = Trainer(loaded.model, loaded.tokenizer, data.TokenShards(train_dir), TrainConfig(**cfg), out,
+                      validation=validation, resume=True)
+    if trainer.step and trainer.dist.is_main:
+        click.echo(f"resuming {out} from step {trainer.step}")
+    result = trainer.fit()
+    if trainer.dist.is_main:
+        ppl = f", validation ppl {result.eval_ppl:.2f}" if result.eval_ppl else ""
+        click.echo(f"step {result.step}: train loss {result.train_loss:.4f}{ppl}; model in {Path(out) / 'model'}")

@@ -1,0 +1,138 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmlab.errors import CheckpointError, ManifestMismatchError
+from lmlab.lm import data, models, tokenizer
+from lmlab.lm.train import Trainer, TrainConfig, latest_checkpoint
+
+CFG = TrainConfig(seq_len=32, batch_size=4, max_steps=12, warmup_steps=3, lr=3e-3, min_lr=3e-4,
+                  eval_every=4, eval_batches=2, save_every=4, log_every=2, seed=7)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    texts = [f"record {i}: " + "lorem ipsum dolor sit amet, consectetur adipiscing elit. " * (1 + i % 7)
+             for i in range(200)]
+    f = data.build_token_shards(texts, tokenizer.byte_tokenizer(), root, validation_fraction=0.1)
+    return data.TokenShards(f["train"]), data.TokenShards(f["validation"])
+
+
+def _trainer(out, shards, cfg=CFG, **kw):
+    torch.set_num_threads(1)
+    m = models.load("tiny:micro", seed=0)
+    return Trainer(m.model, m.tokenizer, shards[0], cfg, out, validation=shards[1], progress=False, **kw)
+
+
+def _curve(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_reduces_loss_and_writes_a_loadable_model(tmp_path, shards):
+    r = _trainer(tmp_path / "run", shards).fit()
+    curve = _curve(tmp_path / "run")
+    assert r.step == 12 and curve[-1]["step"] == 12
+    assert curve[-1]["loss"] < curve[0]["loss"]
+    assert r.eval_loss is not None and r.eval_ppl == pytest.approx(torch.tensor(r.eval_loss).exp().item())
+    reloaded = models.load(str(tmp_path / "run" / "model"))
+    assert reloaded.model.config.hidden_size == 32
+    # keep_checkpoints=2: only the two most recent remain
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step-00000008", "step-00000012"]
+
+
+def test_resume_reproduces_the_uninterrupted_curve_exactly(tmp_path, shards):
+    _trainer(tmp_path / "full", shards).fit()
+    first = _trainer(tmp_path / "split", shards)
+    first.fit(until_step=6)  # stops between checkpoints 4 and 8: step 6 is saved on the way out
+    assert latest_checkpoint(tmp_path / "split").name == "step-00000006"
+    second = _trainer(tmp_path / "split", shards)
+    assert second.step == 6
+    second.fit()
+    full, split = _curve(tmp_path / "full"), _curve(tmp_path / "split")
+    assert [r["step"] for r in full] == [r["step"] for r in split]
+    for a, b in zip(full, split, strict=True):
+        assert a["loss"] == b["loss"] and a["lr"] == b["lr"]
+        assert a.get("eval_loss") == b.get("eval_loss")
+    wa = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "split" / "model" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_interrupt_saves_a_checkpoint_and_resume_continues(tmp_path, shards, monkeypatch):
+    t = _trainer(tmp_path / "run", shards)
+    real_step = Trainer.train_step
+
+    def flaky(self):
+        if self.step == 5:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000005"
+    resumed = _trainer(tmp_path / "run", shards)
+    assert resumed.step == 5
+    assert resumed.fit().step == 12
+    assert [r["step"] for r in _curve(tmp_path / "run")] == [2, 4, 6, 8, 10, 12]
+
+
+def test_resume_with_different_settings_is_refused(tmp_path, shards):
+    _trainer(tmp_path / "run", shards).fit(until_step=4)
+    with pytest.raises(CheckpointError, match="different settings.*lr"):
+        _trainer(tmp_path / "run", shards, cfg=replace(CFG, lr=1e-2))
+    # max_steps may change (train longer)
+    assert _trainer(tmp_path / "run", shards, cfg=replace(CFG, max_steps=20)).step == 4
+
+
+def test_data_from_another_tokenizer_is_refused(tmp_path, shards):
+    other = tokenizer.train_bpe(["some text to learn merges from " * 50], vocab_size=300)
+    m = models.load("tiny:micro", tokenizer=other)
+    with pytest.raises(ManifestMismatchError):
+        Trainer(m.model, m.tokenizer, shards[0], CFG, tmp_path / "run")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli_train(out, tok_dir, *, nproc, grad_accum):
+    args = ["lm", "train", "--model", "tiny:micro", "--data", str(tok_dir), "--out", str(out), "--steps", "6",
+            "--seq-len", "32", "--batch-size", "4", "--grad-accum", str(grad_accum), "--warmup", "2",
+            "--eval-every", "0", "--save-every", "0", "--log-every", "1", "--threads", "1", "--seed", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "lmlab", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "lmlab", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return load_file(str(Path(out) / "model" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_with_accumulation(tmp_path, shards):
+    """2 ranks x grad_accum 1 sees the same micro-batches as 1 rank x grad_accum 2: same weights."""
+    tok_dir = Path(shards[0].folder).parent
+    ddp = _cli_train(tmp_path / "ddp", tok_dir, nproc=2, grad_accum=1)
+    single = _cli_train(tmp_path / "single", tok_dir, nproc=1, grad_accum=2)
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5)
+    losses = [r["loss"] for r in _curve(tmp_path / "ddp")]
+    single_losses = [r["loss"] for r in _curve(tmp_path / "single")]
+    assert losses == pytest.approx(single_losses, rel=1e-4)
+    assert latest_checkpoint(tmp_path / "ddp").name == "step-00000006"
