@@ -120,3 +120,18 @@ def train_cmd(model_spec, tok_dir, data_dir, out, threads, no_resume, **cfg):
     if trainer.dist.is_main:
         ppl = f", validation ppl {result.eval_ppl:.2f}" if result.eval_ppl else ""
         click.echo(f"step {result.step}: train loss {result.train_loss:.4f}{ppl}; model in {Path(out) / 'model'}")
+
+
+@lm_group.command("demo")
+@click.option("--out", default="runs/lm-demo", show_default=True, type=click.Path())
+@click.option("--source", default="/usr/share/doc", show_default=True, type=click.Path(),
+              help="Folder of text to learn from.")
+@click.option("--max-mb", default=4.0, show_default=True)
+@click.option("--steps", default=150, show_default=True, help="Training steps (~2 minutes at the default).")
+@click.option("--preset", default="7m", show_default=True, help="tiny:<preset> architecture.")
+@click.option("--seed", default=0, show_default=True)
+def demo_cmd(out, source, max_mb, steps, preset, seed):
+    """End to end on this machine's text: tokenizer, tiny LM, perplexity before/after, a sample."""
+    from lmlab.lm.demo import DemoConfig, run
+
+    run(DemoConfig(out=out, source=source, max_mb=max_mb, steps=steps, preset=preset, seed=seed), echo=click.echo)

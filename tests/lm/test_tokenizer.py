@@ -1,0 +1,33 @@
+import pytest
+
+from lmlab.errors import ConfigError, DataError
+from lmlab.lm import tokenizer
+
+TEXT = "Byte-level BPE never meets an unknown character: naïve café, 東京, emoji 🙂."
+
+
+def test_byte_tokenizer_round_trips_any_text():
+    tok = tokenizer.byte_tokenizer()
+    ids = tok(TEXT).input_ids
+    assert tok.decode(ids) == TEXT
+    assert len(tok) == 258 and max(ids) < 256
+    assert tok.eos_token_id == 256 and tok.pad_token_id == 257
+
+
+def test_trained_bpe_compresses_and_round_trips(tmp_path):
+    corpus = ["the cat sat on the mat while the dog sat on the log. " * 20] * 10
+    tok = tokenizer.train_bpe(corpus, vocab_size=400, out_dir=tmp_path / "tok")
+    assert tok.decode(tok(TEXT).input_ids) == TEXT
+    assert len(tok(corpus[0]).input_ids) < len(corpus[0]) / 3
+    again = tokenizer.load(tmp_path / "tok")
+    assert again(corpus[0]).input_ids == tok(corpus[0]).input_ids
+    assert again.eos_token == tokenizer.EOS
+
+
+def test_bad_requests_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="vocab_size"):
+        tokenizer.train_bpe(["x"], vocab_size=10)
+    with pytest.raises(DataError, match="no text"):
+        tokenizer.train_bpe([], vocab_size=300)
+    with pytest.raises(DataError, match="does not exist"):
+        tokenizer.load(tmp_path / "missing")

@@ -1,0 +1,48 @@
+import subprocess
+import sys
+import time
+
+from lmlab.cli import main
+
+
+def _run(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "lmlab", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_is_fast_and_imports_no_heavy_module():
+    code = ("import sys, time; t = time.perf_counter(); from lmlab.cli import main; "
+            "rc = main(['--help']); print(time.perf_counter() - t); "
+            "print(any(m in sys.modules for m in ('torch', 'transformers', 'numpy')))")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    wall = time.perf_counter() - t0
+    lines = proc.stdout.strip().splitlines()
+    assert "Commands:" in proc.stdout and "serve-lm" in proc.stdout
+    assert lines[-1] == "False", "lmlab --help imported torch/transformers/numpy"
+    assert wall < 5.0  # the interpreter itself; the CLI part is measured below
+    assert float(lines[-2]) < 1.0
+
+
+def test_ls_lists_every_technique(capsys):
+    assert main(["ls", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 26 and "2308.04430" in out and "| d4 |" in out
+
+
+def test_user_errors_are_one_line_and_exit_2():
+    proc = _run("lm", "tokenize", "--data", "/no/such/folder", "--tokenizer", "tiny:micro", "--out", "/tmp/x")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unknown_model_is_one_line(capsys):
+    assert main(["lm", "train", "--model", "gpt-17", "--data", ".", "--out", "/tmp/never"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'gpt-17'" in err and "smollm2-135m" in err
+
+
+def test_models_ls_shows_named_and_tiny_models(capsys):
+    assert main(["models", "ls"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m" in out and "tiny:micro" in out

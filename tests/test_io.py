@@ -1,0 +1,48 @@
+import json
+
+import pytest
+
+from lmlab.errors import DataError
+from lmlab.io import atomic_dir, read_manifest, write_json_atomic, write_manifest
+
+
+def test_atomic_dir_replaces_only_on_success(tmp_path):
+    final = tmp_path / "artefact"
+    with atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("v1")
+    assert (final / "a.txt").read_text() == "v1"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final) as tmp:
+            (tmp / "a.txt").write_text("half-written")
+            raise RuntimeError("crash")
+    assert (final / "a.txt").read_text() == "v1"
+    assert [p.name for p in tmp_path.iterdir()] == ["artefact"]  # no temporary left behind
+    with atomic_dir(final) as tmp:
+        (tmp / "b.txt").write_text("v2")
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
+
+
+def test_manifest_checksums_detect_changes(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"hello")
+    m = write_manifest(tmp_path, {"kind": "thing", "n": 1})
+    assert m["files"]["x.bin"]["bytes"] == 5
+    assert read_manifest(tmp_path, verify=True)["kind"] == "thing"
+    (tmp_path / "x.bin").write_bytes(b"hellO")
+    with pytest.raises(DataError, match="checksum"):
+        read_manifest(tmp_path, verify=True)
+    (tmp_path / "x.bin").unlink()
+    with pytest.raises(DataError, match="missing"):
+        read_manifest(tmp_path, verify=True)
+
+
+def test_missing_or_broken_manifest_is_one_clear_error(tmp_path):
+    with pytest.raises(DataError, match="no manifest.json"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_manifest(tmp_path)
+
+
+def test_write_json_atomic(tmp_path):
+    write_json_atomic(tmp_path / "d" / "r.json", {"b": 1, "a": [1, 2]})
+    assert json.loads((tmp_path / "d" / "r.json").read_text()) == {"a": [1, 2], "b": 1}
