@@ -12,7 +12,8 @@ def text_dir(tmp_path):
     d = tmp_path / "texts"
     d.mkdir()
     for i in range(40):
-        (d / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * (i % 5 + 1))
+        body = "the quick brown fox jumps over the lazy dog. " * (i % 5 + 1)
+        (d / f"doc{i}.txt").write_text(f"document {i}: {body}")
     (d / "notes.jsonl").write_text("\n".join(json.dumps({"text": f"json line {i}"}) for i in range(10)) + "\n")
     (d / "image.bin").write_bytes(b"\x00\x01")
     return d

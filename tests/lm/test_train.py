@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lmlab.errors import CheckpointError, ManifestMismatchError
 from lmlab.lm import data, models, tokenizer
-from lmlab.lm.train import Trainer, TrainConfig, latest_checkpoint
+from lmlab.lm.train import TrainConfig, Trainer, latest_checkpoint
 
 CFG = TrainConfig(seq_len=32, batch_size=4, max_steps=12, warmup_steps=3, lr=3e-3, min_lr=3e-4,
                   eval_every=4, eval_batches=2, save_every=4, log_every=2, seed=7)
