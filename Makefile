@@ -29,7 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/score.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks recipes scripts
+	$(BIN)/ruff check $(wildcard src tests benchmarks recipes scripts)
 
 readme: $(STAMP)
 	$(BIN)/python scripts/update_readme.py

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("lmlab.lm.cli:models_group", "Models that load here (named, tiny presets, local folders)."),
     "lm": ("lmlab.lm.cli:lm_group", "The LM substrate: tokenizer, training, perplexity, demo."),
     "serve-lm": ("lmlab.lm.server:serve_lm_command", "Serve a model with an OpenAI-compatible HTTP API."),
+    "corpus": ("lmlab.corpus.cli:corpus_group", "Licensed corpora: harvest, store, stats, split (SPDX licences)."),
 }
 
 

@@ -1,7 +1,7 @@
 """The substrate's end-to-end demo (`lmlab lm demo`): text found on this machine -> tokenizer -> tiny LM.
 
 1. Collect documentation text installed on this machine (``/usr/share/doc``: READMEs, guides, ``.md``,
-   ``.txt``, ``.rst``; changelogs and copyright files skipped), capped at ``max_mb``.
+   ``.txt``, ``.rst``; changelogs, copyright files and non-prose files skipped), capped at ``max_mb``.
 2. Train a byte-level BPE tokenizer on it, tokenize into train/validation shards.
 3. Measure validation perplexity of a randomly initialised ``tiny:7m`` Llama, train it for ``steps``
    steps (about 2 minutes on 2 cores at the defaults), measure again, and sample from it.
@@ -40,6 +40,12 @@ class DemoConfig:
     seed: int = 0
 
 
+def _prose_ratio(text: str) -> float:
+    """Share of letters, spaces and common punctuation: a cheap filter for prose."""
+    prose = sum(c.isalpha() or c in " .,;:'\"()-\n" for c in text)
+    return prose / max(1, len(text))
+
+
 def machine_texts(root: str | Path = DOC_ROOT, *, max_bytes: int) -> Iterator[str]:
     """Documentation text under ``root`` (plain or .gz), in path order, until ``max_bytes`` are collected."""
     root = Path(root)
@@ -58,7 +64,7 @@ def machine_texts(root: str | Path = DOC_ROOT, *, max_bytes: int) -> Iterator[st
             text = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError, EOFError):
             continue
-        if len(text) < 200:
+        if len(text) < 200 or _prose_ratio(text) < 0.75:  # skip tables, code charts, ASCII art
             continue
         total += len(raw)
         yield text
@@ -72,7 +78,7 @@ def run(cfg: DemoConfig, *, echo=print) -> dict:
 
     from lmlab.io import write_json_atomic
     from lmlab.lm import data, models, score, tokenizer
-    from lmlab.lm.train import Trainer, TrainConfig
+    from lmlab.lm.train import TrainConfig, Trainer
 
     out = Path(cfg.out)
     tok_dir, shard_dir = out / "tokenizer", out / "tokens"
@@ -89,6 +95,8 @@ def run(cfg: DemoConfig, *, echo=print) -> dict:
     train, val = data.TokenShards(shard_dir / "train"), data.TokenShards(shard_dir / "validation")
     echo(f"      {train.n_tokens:,} training tokens, {val.n_tokens:,} validation tokens")
 
+    if val.n_tokens <= cfg.seq_len:
+        raise DataError(f"only {val.n_tokens} validation tokens: give --source more text or raise --max-mb")
     val_ids = torch.from_numpy(val.shards[0][: cfg.eval_tokens].astype("int64"))
 
     def val_ppl(model) -> float:

@@ -1,0 +1,42 @@
+import json
+
+import pytest
+
+from lmlab.errors import DataError
+from lmlab.lm.demo import DemoConfig, machine_texts, run
+
+
+@pytest.fixture()
+def source(tmp_path):
+    d = tmp_path / "doc"
+    for i in range(120):
+        pkg = d / f"pkg{i}"
+        pkg.mkdir(parents=True)
+        (pkg / "README.md").write_text(f"Package {i} does useful things. " * 20)
+        (pkg / "changelog").write_text("skipped " * 100)
+        (pkg / "table.txt").write_text("| 0x1F | ░░ | ▓▓ |\n" * 50)
+    return d
+
+
+def test_machine_texts_keeps_prose_and_skips_changelogs_and_tables(source):
+    texts = list(machine_texts(source, max_bytes=10**9))
+    assert len(texts) == 120 and all(t.startswith("Package") for t in texts)
+    assert len(list(machine_texts(source, max_bytes=1000))) < 5
+
+
+def test_demo_runs_end_to_end_and_lowers_perplexity(tmp_path, source):
+    cfg = DemoConfig(out=str(tmp_path / "demo"), source=str(source), vocab_size=300, preset="micro", steps=30,
+                     seq_len=32, batch_size=8, lr=1e-2, eval_tokens=2000)
+    lines = []
+    result = run(cfg, echo=lines.append)
+    assert result["val_ppl_after"] < result["val_ppl_before"] / 2
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text())["steps"] == 30
+    assert any("validation perplexity after training" in line for line in lines)
+    # a second run reuses tokenizer, shards and the finished training run
+    again = run(cfg, echo=lines.append)
+    assert again["val_ppl_after"] == pytest.approx(result["val_ppl_after"])
+
+
+def test_demo_without_enough_text_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        run(DemoConfig(out=str(tmp_path / "d"), source=str(tmp_path / "none")), echo=lambda s: None)
