@@ -97,6 +97,9 @@ def main() -> None:
         "bare_tokens_per_s": bare_tps, "ours_tokens_per_s": ours_tps, "ratio": ratio, "target": TARGET,
         "bare_round_s": bare_t, "ours_round_s": ours_t, "bare_nll": bare_nll, "ours_nll": ours_nll,
         "nll_agree": agree,
+        "summary": {"claim": "`lm.score.perplexity` throughput vs bare batched forward passes (issue 2)",
+                    "paper": f">= {TARGET:.2f}", "ours": f"{ratio:.2f} ({ours_tps:,.0f} vs {bare_tps:,.0f} tokens/s)",
+                    "command": "`python benchmarks/score.py`", "reproduced": "yes" if ratio >= TARGET else "no"},
         "env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
                 "cpus": os.cpu_count()},
     })

@@ -46,3 +46,14 @@ def test_models_ls_shows_named_and_tiny_models(capsys):
     assert main(["models", "ls"]) == 0
     out = capsys.readouterr().out
     assert "smollm2-135m" in out and "tiny:micro" in out
+
+
+def test_perplexity_command_on_a_local_model(tmp_path, tiny, capsys):
+    tiny.model.save_pretrained(tmp_path / "m")
+    tiny.tokenizer.save_pretrained(tmp_path / "m")
+    (tmp_path / "t.txt").write_text("some text to score, " * 30)
+    assert main(["lm", "perplexity", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.txt"),
+                 "--window", "64", "--stride", "32"]) == 0
+    out = capsys.readouterr().out
+    ppl = float(out.split("perplexity ")[1].split()[0])
+    assert 1.0 < ppl < 2 * len(tiny.tokenizer)

@@ -28,6 +28,18 @@ def test_readme_technique_table_matches_the_registry():
     assert section == registry.markdown_table(), "README is stale: run `make readme`"
 
 
+def test_readme_results_table_matches_results_folder():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("update_readme", ROOT / "scripts" / "update_readme.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    readme = (ROOT / "README.md").read_text()
+    assert mod.render(readme) == readme, "README is stale: run `make readme`"
+    for path in (ROOT / "results").glob("*.json"):
+        assert f"results/{path.name}" in readme
+
+
 def test_statuses_are_true():
     for t in registry.TECHNIQUES:
         if t.status == "works":

@@ -102,7 +102,7 @@ def train_cmd(model_spec, tok_dir, data_dir, out, threads, no_resume, **cfg):
 
     from lmlab.errors import ConfigError
     from lmlab.lm import data, models, tokenizer
-    from lmlab.lm.train import Trainer, TrainConfig, latest_checkpoint
+    from lmlab.lm.train import TrainConfig, Trainer, latest_checkpoint
 
     if threads:
         torch.set_num_threads(threads)
@@ -135,3 +135,27 @@ def demo_cmd(out, source, max_mb, steps, preset, seed):
     from lmlab.lm.demo import DemoConfig, run
 
     run(DemoConfig(out=out, source=source, max_mb=max_mb, steps=steps, preset=preset, seed=seed), echo=click.echo)
+
+
+@lm_group.command("perplexity")
+@click.option("--model", "model_spec", required=True, help="A model spec (HF folder, named model, tiny:*).")
+@click.option("--data", "data_path", required=True, type=click.Path(), help="File or folder of text (.txt/.md/.jsonl).")
+@click.option("--window", default=1024, show_default=True, help="Tokens the model sees per window (SILO: 1024).")
+@click.option("--stride", default=512, show_default=True, help="Tokens scored per window after the first (SILO: 512).")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--max-docs", default=0, help="Score only the first N documents (0: all).")
+def perplexity_cmd(model_spec, data_path, window, stride, batch_size, max_docs):
+    """Sliding-window perplexity of any causal LM on your text (documents joined by EOS)."""
+    import itertools
+
+    from lmlab.lm import data, models, score
+
+    loaded = models.load(model_spec)
+    texts = data.read_texts(data_path)
+    texts = list(itertools.islice(texts, max_docs) if max_docs else texts)
+    window = min(window, getattr(loaded.model.config, "max_position_embeddings", window))
+    stride = min(stride, window)
+    r = score.perplexity_of_texts(loaded.model, loaded.tokenizer, texts, window=window, stride=stride,
+                                  batch_size=batch_size, progress=True)
+    click.echo(f"{model_spec}: perplexity {r.ppl:.3f} over {r.n_tokens:,} tokens ({len(texts)} documents, "
+               f"window {window}, stride {stride})")
