@@ -104,17 +104,29 @@ class DistInfo:
         return self.rank == 0
 
 
+def default_device(local_rank: int = 0) -> torch.device:
+    """This process's GPU when every local process can have its own, else the CPU."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device("cpu")
+
+
 def init_distributed() -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise."""
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise.
+
+    nccl when every local process has its own GPU, gloo on the CPU otherwise (also when there are more
+    processes than GPUs).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     import torch.distributed as dist
 
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if default_device(local_rank).type == "cuda" else "gloo")
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
@@ -159,7 +171,7 @@ class Trainer:
             raise ConfigError(f"the model's vocabulary ({model.get_input_embeddings().num_embeddings}) is smaller "
                               f"than the tokenizer's ({len(tokenizer)})")
         self.dist = init_distributed()
-        self.device = torch.device(device or (f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device else default_device(self.dist.local_rank)
         self.model = model.to(self.device)
         self.tokenizer = tokenizer
         self.train_data, self.val_data = train, validation
