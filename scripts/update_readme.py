@@ -1,6 +1,7 @@
 """Regenerate README's generated sections (`make readme`):
 
 - the technique table, from src/lmlab/registry.py;
+- the licence policy of `lmlab corpus`, from src/lmlab/corpus/licenses.py;
 - the results table, from the ``summary`` block every recipe and benchmark writes into results/<name>.json
   (claim, the paper's figure or target, ours, the command, reproduced?).
 
@@ -40,7 +41,10 @@ def replace_section(readme: str, name: str, body: str) -> str:
 
 
 def render(readme: str) -> str:
+    from lmlab.corpus.licenses import policy_markdown
+
     readme = replace_section(readme, "techniques", markdown_table())
+    readme = replace_section(readme, "licences", policy_markdown())
     return replace_section(readme, "results", results_table())
 
 
