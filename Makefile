@@ -27,6 +27,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/trainer.py
 	$(BIN)/python benchmarks/score.py
+	$(BIN)/python benchmarks/corpus.py
+	$(BIN)/python benchmarks/moe.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(wildcard src tests benchmarks recipes scripts)

@@ -1,0 +1,140 @@
+"""Training and evaluation of :class:`lmlab.moe.vit.ViT` image classifiers (the recipes' shared loop).
+
+AdamW with warm-up + cosine LR (:class:`lmlab.lm.schedules.Schedule`), cross-entropy plus the MoE layers'
+auxiliary losses, gradient clipping, and, when ``ewa_beta > 0``, EWA's expert averaging after every
+optimizer step (:func:`lmlab.moe.ewa.ewa_update_`). Batches are drawn from seeded per-epoch permutations,
+so a run is a function of its config. Models are saved as a folder: ``model.safetensors`` + ``manifest.json``
+(ViT config, training config, metrics, checksums).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.errors import ManifestMismatchError
+from lmlab.io import atomic_dir, read_manifest, write_manifest
+from lmlab.lm.schedules import Schedule
+from lmlab.moe.data import ImageSplit
+from lmlab.moe.ewa import ewa_update_
+from lmlab.moe.vit import ViT, ViTConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 1e-3  # AdamW peak LR (small-ViT-on-small-data convention)
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.05  # DeiT's AdamW weight decay
+    grad_clip: float = 1.0
+    seed: int = 0
+    ewa_beta: float = 0.0  # EWA share rate; > 0 averages experts after every step (2308.06093 Sec. 3.2)
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]  # per step: cross-entropy (without the aux loss)
+    step_seconds: list[float]  # wall time of each optimizer step (forward + backward + update [+ EWA])
+    config: TrainConfig
+    aux_losses: list[float] = field(default_factory=list)
+
+    @property
+    def median_step_seconds(self) -> float:
+        return statistics.median(self.step_seconds[min(10, len(self.step_seconds) - 1):])
+
+
+def train_classifier(model: ViT, data: ImageSplit, config: TrainConfig, *, progress: bool = False) -> TrainResult:
+    """Train ``model`` in place on ``data`` for ``config.steps`` steps; returns per-step losses and times."""
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos_embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "pos_embed" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    schedule = Schedule("cosine", max_lr=config.lr, min_lr=min(config.min_lr, config.lr),
+                        warmup_steps=min(config.warmup_steps, config.steps - 1), total_steps=config.steps)
+    n = len(data)
+    perm, cursor = torch.randperm(n, generator=gen), 0
+    losses, aux_losses, times = [], [], []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.steps, desc="train", leave=False)
+    model.train()
+    for step in range(config.steps):
+        if cursor + config.batch_size > n:
+            perm, cursor = torch.randperm(n, generator=gen), 0
+        idx = perm[cursor:cursor + config.batch_size]
+        cursor += config.batch_size
+        x, y = data.images[idx], data.labels[idx]
+        t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = schedule(step)
+        out = model(x)
+        loss = F.cross_entropy(out.logits, y)
+        opt.zero_grad(set_to_none=True)
+        (loss + out.aux_loss).backward()
+        if config.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+        if config.ewa_beta > 0:
+            ewa_update_(model, config.ewa_beta)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        aux_losses.append(float(out.aux_loss.detach()))
+        if bar is not None:
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    if bar is not None:
+        bar.close()
+    return TrainResult(losses=losses, step_seconds=times, config=config, aux_losses=aux_losses)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageSplit, *, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``model`` on ``data`` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        logits = model(data.images[start:start + batch_size]).logits
+        correct += (logits.argmax(-1) == data.labels[start:start + batch_size]).sum().item()
+    model.train(was_training)
+    return correct / max(1, len(data))
+
+
+def save_model(model: ViT, folder: str | Path, *, info: dict | None = None) -> Path:
+    """Write ``folder`` atomically: model.safetensors + manifest.json (config, ``info``, checksums)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        write_manifest(tmp, {"kind": "lmlab.moe.vit", "vit_config": model.config.to_dict(), **(info or {})})
+    return folder
+
+
+def load_model(folder: str | Path) -> tuple[ViT, dict]:
+    """The ViT saved by :func:`save_model` and its manifest (checksums verified)."""
+    from safetensors.torch import load_file
+
+    manifest = read_manifest(folder, verify=True)
+    if manifest.get("kind") != "lmlab.moe.vit":
+        raise ManifestMismatchError(f"{folder} is not an lmlab.moe ViT checkpoint (kind={manifest.get('kind')!r})")
+    model = ViT(ViTConfig(**manifest["vit_config"]))
+    model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
+    return model, manifest
+
+
+def train_config_dict(config: TrainConfig) -> dict:
+    return asdict(config)

@@ -1,0 +1,104 @@
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from lmlab.errors import DataError
+from lmlab.moe import MoEConfig, ViT, ViTConfig
+from lmlab.moe.data import load_fashion_mnist, read_idx
+from lmlab.moe.train import TrainConfig, evaluate, load_model, save_model, train_classifier
+
+torch.set_num_threads(1)
+
+
+def _write_idx(path, arr):
+    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def fake_fmnist(tmp_path):
+    """Synthetic Fashion-MNIST-format files: class = stripe orientation/period (learnable in a few steps)."""
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        labels = rng.integers(0, 4, n)
+        images = rng.integers(0, 40, (n, 28, 28))
+        grid = np.arange(28)
+        for i, y in enumerate(labels):
+            period = 2 if y < 2 else 7
+            stripes = (grid // period) % 2 == 0
+            images[i][stripes if y % 2 == 0 else slice(None), slice(None) if y % 2 == 0 else stripes] += 200
+        return images, labels
+
+    for split, n in (("train", 400), ("t10k", 100)):
+        images, labels = make(n)
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images)
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels)
+    return tmp_path
+
+
+def test_idx_reader_and_splits(fake_fmnist):
+    assert read_idx(fake_fmnist / "train-images-idx3-ubyte.gz").shape == (400, 28, 28)
+    data = load_fashion_mnist(fake_fmnist, val_size=50, seed=0)
+    assert len(data.train) == 350 and len(data.val) == 50 and len(data.test) == 100
+    assert data.train.images.shape[1:] == (1, 28, 28) and data.train.labels.dtype == torch.long
+
+
+def test_missing_dataset_names_the_install_command(tmp_path):
+    with pytest.raises(DataError, match="apt-get install -y dataset-fashion-mnist"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_truncated_idx_is_a_data_error(tmp_path):
+    p = tmp_path / "x.gz"
+    with gzip.open(p, "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + b"abc")
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(p)
+
+
+@pytest.mark.parametrize("kind", ["dense", "soft", "token_choice", "expert_choice", "ewa"])
+def test_vit_hosts_every_kind_in_the_last_blocks(kind):
+    torch.manual_seed(0)
+    cfg = ViTConfig(dim=16, depth=3, heads=2, mlp_hidden=32, moe=MoEConfig(kind=kind, num_experts=4), moe_layers=2)
+    model = ViT(cfg)
+    out = model(torch.randn(2, 1, 28, 28))
+    assert out.logits.shape == (2, 10) and len(out.mlp_outputs) == 3
+    assert type(model.blocks[0].mlp).__name__ == "DenseMLP"
+
+
+def test_training_learns_and_checkpoint_roundtrips(fake_fmnist, tmp_path):
+    data = load_fashion_mnist(fake_fmnist, val_size=50)
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(dim=16, depth=2, heads=2, mlp_hidden=32, patch_size=7, num_classes=4,
+                          moe=MoEConfig(kind="soft", num_experts=4, slots_per_expert=4), moe_layers=1))
+    result = train_classifier(model, data.train, TrainConfig(steps=40, batch_size=32, lr=3e-3, warmup_steps=5))
+    assert len(result.step_seconds) == 40 and result.losses[-1] < result.losses[0]
+    acc = evaluate(model, data.test)
+    assert acc > 0.6
+    save_model(model, tmp_path / "ckpt", info={"note": "test"})
+    loaded, manifest = load_model(tmp_path / "ckpt")
+    assert manifest["note"] == "test" and evaluate(loaded, data.test) == acc
+
+
+def test_cli_train_ewa_and_eval(fake_fmnist, tmp_path):
+    from click.testing import CliRunner
+
+    from lmlab.moe.cli import moe_group
+
+    out = tmp_path / "ewa"
+    args = ["train", "--ewa", "--experts", "2", "--moe-layers", "1", "--dim", "16", "--depth", "2", "--heads", "2",
+            "--patch-size", "7", "--steps", "3", "--batch-size", "16", "--val-size", "20", "--data",
+            str(fake_fmnist), "--out", str(out)]
+    res = CliRunner().invoke(moe_group, args)
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.output.strip().splitlines()[-1])
+    model, manifest = load_model(out)
+    assert manifest["trained_as"] == "ewa" and model.config.moe is None  # saved collapsed: a plain ViT
+    res = CliRunner().invoke(moe_group, ["eval", str(out), "--data", str(fake_fmnist)])
+    assert res.exit_code == 0 and json.loads(res.output)["test_accuracy"] == metrics["test_accuracy"]
