@@ -86,3 +86,8 @@ def eval_cmd(folder, data_root):
 
     model, _ = load_model(folder)
     click.echo(json.dumps({"folder": folder, "test_accuracy": evaluate(model, load_split("test", data_root))}))
+
+
+from lmlab.moe.offload.cli import generate_cmd  # noqa: E402  (issue 6: offloaded pre-gated inference)
+
+moe_group.add_command(generate_cmd)

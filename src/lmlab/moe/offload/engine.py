@@ -1,0 +1,600 @@
+"""An offloaded MoE inference engine with the Pre-gated MoE prefetch (arXiv 2308.12066).
+
+Shapes: B batch, D width, H expert hidden width, E experts, k experts per token, L blocks, S resident slots,
+A = min(E, B k) the most experts one block can need for one decode step.
+
+The engine runs a :class:`~lmlab.moe.pregated.PreGatedMoEForCausalLM` token by token (greedy; batch 1 is the
+paper's setting, small equal-length batches also work). The non-expert weights stay in fast memory; the experts
+live in an :class:`~lmlab.moe.offload.store.ExpertStore` (slow tier) and are copied into a **resident set** of
+S fixed, preallocated slots (fast memory: RAM on the CPU, GPU memory with the cuda tier) by a tier
+(:mod:`lmlab.moe.offload.tiers`). Policies (``OffloadConfig.policy``):
+
+- ``resident``: every expert in a slot from the start (S = L E): the latency floor, and the memory ceiling.
+- ``on_demand``: route block i, then load its selected experts synchronously (S = A).
+- ``prefetch_all``: while block i runs, load all E experts of block i+1 (S = E + A); prefetched experts the block
+  turns out not to need are dropped once its routing is known.
+- ``pregated``: block i's pre-gate names block i+1's experts; they are loaded while block i's experts compute
+  and block i+1's attention runs, on a background thread (CPU tiers) or a side CUDA stream (cuda tier),
+  double-buffered: S = 2A (block i's experts + block i+1's), the paper's system design. Needs a pre-gated model.
+  Block 0 has no predecessor: its experts load on demand.
+
+``lru_slots`` adds that many slots that keep recently used experts (mixtral-offloading's LRU cache); a needed
+expert found there costs nothing. With ``lru_slots=0`` a slot is freed as soon as its block is done.
+
+A needed expert is a **hit** (resident and loaded), **late** (its prefetch is still in flight: we wait, and count
+the wait as stall; a queued prefetch the thread has not started yet is run by the decode thread itself) or a
+**miss** (not requested before: synchronous load, counted, also stall). Every policy runs
+the same expert arithmetic in the same order (:meth:`OffloadEngine._moe`), so for the same routing the outputs
+are bitwise identical across policies and tiers on one device (tested token by token).
+
+Deviations: prefill runs the prompt one token at a time through the decode path (so the resident-set budget
+holds for any prompt; the paper's and our metrics are decode metrics); no padding, so prompts in a batch must
+have equal length. Official code: ranggihwang/Pregated_MoE (C++/CUDA, FasterTransformer).
+"""
+
+from __future__ import annotations
+
+import collections
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from lmlab.errors import ConfigError
+from lmlab.moe.experts import ACTIVATIONS
+from lmlab.moe.offload.store import ExpertStore
+from lmlab.moe.offload.tiers import PageCacheTier
+
+POLICIES = ("resident", "on_demand", "prefetch_all", "pregated")
+THREAD_NAME = "lmlab-expert-prefetch"
+
+
+def _sleep_until(t: float) -> None:
+    """Sleep until ``time.perf_counter() >= t``: OS sleep for all but the last ms, then yield-spin (a loaded
+    machine can wake a sleeping thread milliseconds late)."""
+    while (left := t - time.perf_counter()) > 0:
+        time.sleep(left - 0.001 if left > 0.002 else 0)
+
+
+class BudgetError(RuntimeError):
+    """The resident set has no free slot: an engine bug (budgets are sized so this cannot happen)."""
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    policy: str = "pregated"  # resident | on_demand | prefetch_all | pregated
+    lru_slots: int = 0  # extra slots kept as an LRU cache of recent experts (0: free a slot when its block ends)
+    max_batch: int = 1  # sizes the resident set: A = min(E, max_batch * k); batch 1 is the paper's setting
+    device: str = "cpu"  # where the resident set and the non-expert weights live ("cuda" with the cuda tier)
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.lru_slots < 0 or self.max_batch < 1:
+            raise ConfigError("lru_slots must be >= 0 and max_batch >= 1")
+
+
+@dataclass
+class OffloadMetrics:
+    """One :meth:`OffloadEngine.generate` call (latencies are decode steps: one new token for every row)."""
+
+    policy: str
+    tier: dict
+    lru_slots: int
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+    token_latency_s: list[float]
+    slots: int  # S, the fixed size of the resident set
+    slot_bytes: int  # S * bytes per expert: allocated fast memory for experts
+    peak_resident_experts: int  # most slots holding (or loading) an expert at once
+    peak_resident_bytes: int
+    active_experts_per_block: int  # A: the most one block needed in one step (peak memory target: <= 2 A)
+    bytes_moved: int  # through the tier, prefetches included (used or not)
+    loads: int
+    prefetches: int  # loads issued ahead of need
+    hits: int
+    late: int
+    misses: int
+    misses_per_block: list[int]
+    stall_s: float | None  # host time waiting for experts, all steps (None on CUDA: waits happen on the device)
+    steps: int  # forward steps run: prompt tokens - 1 + new tokens (prefill is token by token)
+    stolen: int  # prefetches the main thread ran itself because the prefetch thread had not started them
+    setup_s: float  # loading the resident set / pinning host copies (engine creation), not in latencies
+    wall_s: float = 0.0
+
+    @property
+    def needed(self) -> int:
+        return self.hits + self.late + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        """Needed experts that were resident or already being prefetched, over all needed experts."""
+        return (self.hits + self.late) / self.needed if self.needed else float("nan")
+
+    @property
+    def stall_per_step_s(self) -> float | None:
+        return None if self.stall_s is None else self.stall_s / max(1, self.steps)
+
+    @property
+    def median_latency_s(self) -> float:
+        return statistics.median(self.token_latency_s) if self.token_latency_s else float("nan")
+
+    @property
+    def mean_latency_s(self) -> float:
+        return statistics.fmean(self.token_latency_s) if self.token_latency_s else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        total = sum(self.token_latency_s)
+        return self.batch * len(self.token_latency_s) / total if total else float("nan")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(hit_rate=self.hit_rate, stall_per_step_s=self.stall_per_step_s, median_latency_s=self.median_latency_s,
+                 mean_latency_s=self.mean_latency_s, tokens_per_s=self.tokens_per_s, needed=self.needed)
+        return d
+
+
+@dataclass
+class GenerationResult:
+    tokens: torch.Tensor  # (B, new_tokens) greedy continuation
+    metrics: OffloadMetrics
+    logits: list[torch.Tensor] = field(default_factory=list)  # per step (B, V) when asked for
+
+
+class ResidentSet:
+    """S preallocated expert slots in fast memory, a key -> slot table, pins and an LRU of unpinned slots.
+
+    Only the engine's main thread reserves, pins and frees slots; the prefetch thread only fills a reserved
+    slot and sets its ``ready`` event, so the table needs no lock.
+    """
+
+    def __init__(self, num_slots: int, store: ExpertStore, *, device: torch.device, keep_unpinned: bool):
+        s = num_slots
+        self.flat = torch.empty(s, store.expert_numel, dtype=store.dtype, device=device)  # one row per slot
+        self.w1, self.b1, self.w2, self.b2 = store.unflatten(self.flat)  # (S, D, H), (S, H), (S, H, D), (S, D)
+        self.num_slots = s
+        self.keep_unpinned = keep_unpinned
+        self.key: list[tuple[int, int] | None] = [None] * s
+        self.table: dict[tuple[int, int], int] = {}
+        self.pins = [0] * s
+        self.free = list(range(s - 1, -1, -1))
+        self.lru: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.ready = [threading.Event() for _ in range(s)]  # CPU tiers: set when the slot's bytes are in
+        self.ready_at = [0.0] * s  # CPU tiers: perf_counter instant the tier says the bytes arrive (emulated link)
+        self.cuda_ready: list = [None] * s  # cuda tier: event recorded after the copy
+        self.cuda_free: list = [None] * s  # cuda tier: event recorded after the slot's last use
+        self.peak = 0
+
+    def tensors(self, slot: int) -> torch.Tensor:
+        """The slot's row: where a tier copies an expert's span."""
+        return self.flat[slot]
+
+    @property
+    def occupied(self) -> int:
+        return len(self.table)
+
+    def reserve(self, key: tuple[int, int]) -> int:
+        """A slot for ``key`` (not resident): a free one, else the least recently used unpinned one; pinned once."""
+        if self.free:
+            slot = self.free.pop()
+        elif self.lru:
+            slot, _ = self.lru.popitem(last=False)
+            del self.table[self.key[slot]]
+        else:
+            raise BudgetError(f"all {self.num_slots} expert slots are pinned")
+        self.key[slot] = key
+        self.table[key] = slot
+        self.pins[slot] = 1
+        self.ready[slot].clear()
+        self.ready_at[slot] = 0.0
+        self.cuda_ready[slot] = None
+        self.peak = max(self.peak, len(self.table))
+        return slot
+
+    def pin(self, slot: int) -> None:
+        self.pins[slot] += 1
+        self.lru.pop(slot, None)
+
+    def unpin(self, slot: int) -> None:
+        self.pins[slot] -= 1
+        if self.pins[slot] == 0:
+            if self.keep_unpinned:
+                self.lru[slot] = None  # most recently used at the end
+            else:
+                self.drop(slot)
+
+    def drop(self, slot: int) -> None:
+        """Forget the slot's expert (cancelled prefetch, or no cache): it goes back to the free list."""
+        key = self.key[slot]
+        if key is not None:
+            del self.table[key]
+        self.key[slot] = None
+        self.pins[slot] = 0
+        self.lru.pop(slot, None)
+        self.free.append(slot)
+
+
+class OffloadEngine:
+    """Greedy generation with offloaded experts; use as a context manager (or call :meth:`close`).
+
+    ``OffloadEngine(model, store, tier=LinkTier(8.0), config=OffloadConfig(policy="pregated"))``; ``store`` is an
+    :class:`ExpertStore` or the path of one written by :func:`~lmlab.moe.offload.save_expert_store`. The engine
+    moves the model's non-expert modules to ``config.device`` and never reads the model's own expert weights.
+    """
+
+    def __init__(self, model, store, *, tier=None, config: OffloadConfig | None = None):
+        self.config = config or OffloadConfig()
+        self.model = model.eval()
+        mc = model.config
+        if self.config.policy == "pregated" and not mc.pregated:
+            raise ConfigError("the pregated policy needs a pre-gated model (config.pregated=True); use on_demand "
+                              "or prefetch_all for a conventional MoE")
+        self._own_store = not isinstance(store, ExpertStore)
+        self.store = ExpertStore(store) if self._own_store else store
+        self.store.check_model(model)
+        self.tier = tier or PageCacheTier()
+        self.device = torch.device(self.config.device)
+        if (self.tier.name == "cuda") != (self.device.type == "cuda"):
+            raise ConfigError("use the cuda tier with device='cuda', and a CPU tier with device='cpu'")
+        self.act = ACTIVATIONS[self.store.activation]
+        self.num_layers, self.num_experts, self.k = mc.num_hidden_layers, mc.num_experts, mc.num_experts_per_tok
+        self.active = min(self.num_experts, self.config.max_batch * self.k)  # A
+        base = {"resident": self.num_layers * self.num_experts, "on_demand": self.active,
+                "prefetch_all": self.num_experts + self.active, "pregated": 2 * self.active}[self.config.policy]
+        lru = 0 if self.config.policy == "resident" else self.config.lru_slots
+        self.pool = ResidentSet(base + lru, self.store, device=self.device,
+                                keep_unpinned=lru > 0 or self.config.policy == "resident")
+        for _name, mod in self._fast_modules():
+            mod.to(self.device)
+        self._held: dict[int, list[int]] = collections.defaultdict(list)  # block -> slots pinned for it
+        self._jobs: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        self._bytes_lock = threading.Lock()
+        self._stop = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._reset_counters()
+        t0 = time.perf_counter()
+        self.tier.open(self.store)
+        if not self.tier.asynchronous and self.config.policy in ("prefetch_all", "pregated"):
+            self._thread = threading.Thread(target=self._worker, name=THREAD_NAME, daemon=True)
+            self._thread.start()
+        if self.config.policy == "resident":
+            for layer in range(self.num_layers):
+                for e in range(self.num_experts):
+                    slot = self.pool.reserve((layer, e))
+                    self._load_now(slot, (layer, e))
+                    _sleep_until(self.pool.ready_at[slot])
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        self.setup_s = time.perf_counter() - t0
+
+    # ----- plumbing ----------------------------------------------------------------------------------------
+    def _fast_modules(self):
+        m = self.model
+        yield "embed_tokens", m.embed_tokens
+        yield "norm", m.norm
+        yield "lm_head", m.lm_head
+        for i, blk in enumerate(m.layers):
+            for name in ("attn_norm", "attn", "mlp_norm", "router", "pregate"):
+                mod = getattr(blk, name)
+                if mod is not None:
+                    yield f"layers.{i}.{name}", mod
+
+    def _reset_counters(self) -> None:
+        self.bytes_moved = self.loads = self.prefetches = self.hits = self.late = self.misses = 0
+        self.misses_per_block = [0] * self.num_layers
+        self.stall_s = 0.0
+        self.max_needed = 0
+        self.stolen = 0
+
+    def _worker(self) -> None:
+        """The prefetch thread: fill reserved slots in FIFO order; a failure is re-raised on the main thread."""
+        while True:
+            with self._cv:
+                while not self._jobs and not self._stop:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                slot, key = self._jobs.popleft()
+            try:
+                n = self.tier.load(self.store, *key, self.pool.tensors(slot))
+                with self._bytes_lock:
+                    self.bytes_moved += n
+            except BaseException as e:  # noqa: BLE001 - surfaced by _wait on the main thread
+                self._error = e
+            finally:
+                self.pool.ready[slot].set()
+
+    def _load_now(self, slot: int, key: tuple[int, int]) -> None:
+        self.loads += 1
+        if self.tier.asynchronous:
+            self.pool.cuda_ready[slot] = self.tier.load(self.store, *key, self.pool.tensors(slot),
+                                                        after=self.pool.cuda_free[slot])
+            self.bytes_moved += self.store.expert_bytes
+        else:
+            self.pool.ready_at[slot] = self.tier.reserve(self.store.expert_bytes)
+            n = self.tier.load(self.store, *key, self.pool.tensors(slot))
+            with self._bytes_lock:
+                self.bytes_moved += n
+            self.pool.ready[slot].set()  # usable from pool.ready_at[slot]: the caller waits for that
+
+    def prefetch(self, layer: int, experts) -> None:
+        """Start loading ``experts`` of ``layer`` (pinned for that block); resident ones are only pinned."""
+        jobs = []
+        for e in experts:
+            key = (layer, int(e))
+            slot = self.pool.table.get(key)
+            if slot is not None:
+                self.pool.pin(slot)
+            else:
+                slot = self.pool.reserve(key)
+                self.prefetches += 1
+                self.loads += 1
+                if self.tier.asynchronous:
+                    self.pool.cuda_ready[slot] = self.tier.load(self.store, *key, self.pool.tensors(slot),
+                                                                after=self.pool.cuda_free[slot])
+                    self.bytes_moved += self.store.expert_bytes
+                else:
+                    self.pool.ready_at[slot] = self.tier.reserve(self.store.expert_bytes)  # issued now
+                    jobs.append((slot, key))
+            self._held[layer].append(slot)
+        if jobs:
+            with self._cv:
+                self._jobs.extend(jobs)
+                self._cv.notify()
+
+    def _steal(self, slot: int) -> bool:
+        """If the prefetch thread has not started ``slot``'s load yet, do it on this thread (a busy machine can
+        take milliseconds to schedule the thread; the data is needed now). Returns whether it did."""
+        with self._cv:
+            job = next((j for j in self._jobs if j[0] == slot), None)
+            if job is None:
+                return False
+            self._jobs.remove(job)
+        self.stolen += 1
+        n = self.tier.load(self.store, *job[1], self.pool.tensors(slot))
+        with self._bytes_lock:
+            self.bytes_moved += n
+        self.pool.ready[slot].set()
+        return True
+
+    def cancel(self) -> int:
+        """Drop queued (not yet started) prefetches and free their slots; returns how many were dropped."""
+        with self._cv:
+            dropped = list(self._jobs)
+            self._jobs.clear()
+        for slot, key in dropped:
+            self.loads -= 1
+            self.prefetches -= 1
+            held = self._held.get(key[0], [])
+            while slot in held:
+                held.remove(slot)
+            self.pool.drop(slot)
+        return len(dropped)
+
+    def ensure(self, layer: int, experts) -> dict[int, int]:
+        """Make ``experts`` of ``layer`` usable; returns expert -> slot. Counts hits, late prefetches and misses.
+
+        Misses are loaded here, all issued before one wait for the last to arrive (the link is serial anyway).
+        """
+        slots = {}
+        held = self._held[layer]
+        cpu = not self.tier.asynchronous
+        t0 = time.perf_counter()
+        waited, until = False, 0.0
+        for e in experts:
+            key = (layer, int(e))
+            slot = self.pool.table.get(key)
+            if slot is None:  # miss: synchronous load on this thread
+                self.misses += 1
+                self.misses_per_block[layer] += 1
+                slot = self.pool.reserve(key)
+                held.append(slot)
+                self._load_now(slot, key)
+                waited, until = True, max(until, self.pool.ready_at[slot])
+            else:
+                if slot not in held:
+                    self.pool.pin(slot)
+                    held.append(slot)
+                if not cpu:
+                    ev = self.pool.cuda_ready[slot]
+                    if ev is None or ev.query():
+                        self.hits += 1
+                    else:
+                        self.late += 1
+                elif self.pool.ready[slot].is_set() and self.pool.ready_at[slot] <= time.perf_counter():
+                    self.hits += 1
+                else:
+                    self.late += 1
+                    waited = True
+                    if not self._steal(slot):
+                        self.pool.ready[slot].wait()
+                    until = max(until, self.pool.ready_at[slot])
+            if self._error is not None:
+                err, self._error = self._error, None
+                raise err
+            if not cpu and self.pool.cuda_ready[slot] is not None:
+                torch.cuda.current_stream(self.device).wait_event(self.pool.cuda_ready[slot])
+            slots[int(e)] = slot
+        if cpu and waited:
+            _sleep_until(until)
+            self.stall_s += time.perf_counter() - t0
+        self._drop_unneeded(layer, set(slots.values()))
+        self.max_needed = max(self.max_needed, len(slots))
+        return slots
+
+    def _drop_unneeded(self, layer: int, needed: set[int]) -> None:
+        """Unpin what was prefetched for ``layer`` but is not needed (prefetch_all): queued loads are cancelled,
+        a load in flight is waited for (a CPU slot cannot be reused while the prefetch thread writes it)."""
+        held = self._held[layer]
+        extra = [s for s in held if s not in needed]
+        if not extra:
+            return
+        extra_set = set(extra)
+        with self._cv:
+            cancelled = [job for job in self._jobs if job[0] in extra_set]
+            for job in cancelled:
+                self._jobs.remove(job)
+        cancelled_slots = {job[0] for job in cancelled}
+        for slot in extra:
+            if slot in cancelled_slots:
+                self.loads -= 1
+                self.prefetches -= 1
+                self.pool.drop(slot)
+                continue
+            if not self.tier.asynchronous and not self.pool.ready[slot].is_set():
+                t0 = time.perf_counter()
+                self.pool.ready[slot].wait()  # the copy thread writes this slot: wait before freeing it
+                self.stall_s += time.perf_counter() - t0
+            self.pool.unpin(slot)
+        self._held[layer] = [s for s in held if s in needed]
+
+    def release(self, layer: int) -> None:
+        """Block ``layer`` is done with its experts: unpin them (kept in the LRU, or freed)."""
+        for slot in self._held.pop(layer, []):
+            if self.tier.asynchronous:
+                ev = torch.cuda.Event()
+                ev.record(torch.cuda.current_stream(self.device))
+                self.pool.cuda_free[slot] = ev
+            if self.config.policy != "resident":
+                self.pool.unpin(slot)
+
+    # ----- the model ----------------------------------------------------------------------------------------
+    def _route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert_index, gates), each (B, T, k): the model's routing (:func:`lmlab.moe.token_choice.top_k_routing`
+        with no capacity limit, so nothing is dropped) without its capacity bookkeeping, which decode does not need.
+        Same operations in the same order, so the same values (tested against ``model.route``)."""
+        probs = torch.softmax(logits.float(), dim=-1).to(logits.dtype)  # V-MoE Eq. 1
+        gates, idx = probs.topk(self.k, dim=-1)
+        if self.model.config.renormalize_gates:
+            gates = gates / gates.sum(-1, keepdim=True)
+        return idx, gates
+
+    def _moe(self, u: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor], slots: dict[int, int]) -> torch.Tensor:
+        """Gate-weighted sum of the selected experts, expert by expert in increasing id (fixed order for all
+        policies). u (B, T, D) -> (B, T, D)."""
+        b, t, d = u.shape
+        x = u.reshape(-1, d)
+        idx = routing[0].reshape(x.shape[0], -1)
+        gates = routing[1].reshape(x.shape[0], -1)
+        p = self.pool
+        if x.shape[0] == 1:  # one token (batch-1 decode): no gather/scatter, same arithmetic in the same order
+            choice = {e: j for j, e in enumerate(idx[0].tolist())}
+            y = torch.zeros_like(x)
+            for e in sorted(slots):
+                s, j = slots[e], choice[e]
+                h = self.act(torch.addmm(p.b1[s], x, p.w1[s]))
+                y = y + torch.addmm(p.b2[s], h, p.w2[s]) * gates[:, j:j + 1]
+            return y.view(b, t, d)
+        y = torch.zeros_like(x)
+        for e in sorted(slots):
+            s = slots[e]
+            rows, j = (idx == e).nonzero(as_tuple=True)
+            h = self.act(torch.addmm(p.b1[s], x[rows], p.w1[s]))
+            y.index_add_(0, rows, torch.addmm(p.b2[s], h, p.w2[s]) * gates[rows, j].unsqueeze(-1))
+        return y.view(b, t, d)
+
+    def _step(self, col: torch.Tensor, pos: int, caches, cos, sin) -> torch.Tensor:
+        m, policy = self.model, self.config.policy
+        x = m.embed_tokens(col)  # (B, 1, D)
+        next_routing = None
+        for i, blk in enumerate(m.layers):
+            x = blk.attend(x, cos, sin, cache=caches[i], start=pos)
+            u = blk.mlp_norm(x)
+            routing = self._route(blk.router(u)) if blk.router is not None else next_routing
+            next_routing = self._route(blk.pregate(u)) if blk.pregate is not None else None  # block i+1's experts
+            needed = sorted(set(routing[0].flatten().tolist()))
+            slots = self.ensure(i, needed)
+            if i + 1 < self.num_layers:  # overlap block i+1's transfer with block i's experts + block i+1's attention
+                if policy == "pregated":
+                    self.prefetch(i + 1, sorted(set(next_routing[0].flatten().tolist())))
+                elif policy == "prefetch_all":
+                    self.prefetch(i + 1, range(self.num_experts))
+            x = x + self._moe(u, routing, slots)
+            self.release(i)
+        return m.lm_head(m.norm(x))[:, -1]
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, *, return_logits: bool = False) -> GenerationResult:
+        """Greedy continuation of equal-length prompts ``input_ids`` (B, P) (or one list of ids)."""
+        from lmlab.moe.pregated import KVCache, rotary
+
+        if self._stop:
+            raise ConfigError("this engine is closed")
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        ids = ids[None] if ids.dim() == 1 else ids
+        b, p = ids.shape
+        if b > self.config.max_batch:
+            raise ConfigError(f"batch {b} exceeds the engine's max_batch={self.config.max_batch}")
+        if p < 1 or max_new_tokens < 1:
+            raise ConfigError("need at least one prompt token and max_new_tokens >= 1")
+        mc = self.model.config
+        total = p + max_new_tokens
+        if total > mc.max_position_embeddings:
+            raise ConfigError(f"prompt + new tokens ({total}) exceed max_position_embeddings "
+                              f"({mc.max_position_embeddings})")
+        ids = ids.to(self.device)
+        dtype = self.model.lm_head.weight.dtype
+        hd = mc.hidden_size // mc.num_attention_heads
+        caches = [KVCache(b, mc.num_attention_heads, total, hd, device=self.device, dtype=dtype)
+                  for _ in range(self.num_layers)]
+        cos, sin = rotary(torch.arange(total, device=self.device), hd, mc.rope_theta)
+        self._reset_counters()
+        self.pool.peak = self.pool.occupied
+        cuda = self.device.type == "cuda"
+        new, lat, all_logits = [], [], []
+        col = ids[:, :1]
+        t_start = time.perf_counter()
+        for pos in range(total - 1):
+            t0 = time.perf_counter()
+            logits = self._step(col, pos, caches, cos[pos:pos + 1], sin[pos:pos + 1])
+            if pos + 1 < p:
+                col = ids[:, pos + 1:pos + 2]
+                continue
+            col = logits.argmax(-1, keepdim=True)
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            lat.append(time.perf_counter() - t0)
+            new.append(col)
+            if return_logits:
+                all_logits.append(logits.detach().cpu())
+        wall = time.perf_counter() - t_start
+        s = self.store.expert_bytes
+        metrics = OffloadMetrics(
+            policy=self.config.policy, tier=self.tier.describe(), lru_slots=self.config.lru_slots, batch=b,
+            prompt_tokens=p, new_tokens=len(new), token_latency_s=lat, slots=self.pool.num_slots,
+            slot_bytes=self.pool.num_slots * s, peak_resident_experts=self.pool.peak,
+            peak_resident_bytes=self.pool.peak * s, active_experts_per_block=self.max_needed,
+            bytes_moved=self.bytes_moved, loads=self.loads, prefetches=self.prefetches, hits=self.hits,
+            late=self.late, misses=self.misses, misses_per_block=list(self.misses_per_block),
+            stall_s=None if cuda else self.stall_s, steps=total - 1, stolen=self.stolen, setup_s=self.setup_s,
+            wall_s=wall)
+        return GenerationResult(tokens=torch.cat(new, dim=1).cpu(), metrics=metrics, logits=all_logits)
+
+    # ----- shutdown -----------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Cancel queued prefetches, stop and join the prefetch thread, close the tier and the store."""
+        if self._stop:
+            return
+        self.cancel()
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            if self._thread.is_alive():
+                raise RuntimeError("the expert prefetch thread did not stop")
+        self.tier.close()
+        if self._own_store:
+            self.store.close()
+
+    def __enter__(self) -> OffloadEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
