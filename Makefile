@@ -29,6 +29,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/score.py
 	$(BIN)/python benchmarks/corpus.py
 	$(BIN)/python benchmarks/moe.py
+	$(BIN)/python benchmarks/pregated.py
+	$(BIN)/python benchmarks/silo.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(wildcard src tests benchmarks recipes scripts)

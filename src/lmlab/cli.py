@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lm": ("lmlab.lm.cli:lm_group", "The LM substrate: tokenizer, training, perplexity, demo."),
     "serve-lm": ("lmlab.lm.server:serve_lm_command", "Serve a model with an OpenAI-compatible HTTP API."),
     "corpus": ("lmlab.corpus.cli:corpus_group", "Licensed corpora: harvest, store, stats, split (SPDX licences)."),
+    "silo": ("lmlab.silo.cli:silo_group", "SILO: datastore, kNN-LM, RIC-LM, attribution, opt-out, server."),
     "moe": ("lmlab.moe.cli:moe_group", "Mixtures of experts: Soft MoE, token/expert choice, EWA, ViT training."),
 }
 

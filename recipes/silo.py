@@ -1,0 +1,400 @@
+"""SILO at small scale: a permissively trained LM + a restricted-licence datastore vs an LM trained on everything.
+
+Claim tested (Min, Gururangan et al. 2023, arXiv 2308.04430, abstract and Sec. 5): an LM trained only on
+permissively licensed text (public domain + permissive software) degrades on out-of-domain text, and adding
+a nonparametric datastore of the restricted text at inference, with kNN-LM, closes most of the gap to an LM
+trained on everything ("closing 90% of the performance gap with an LM trained on the Pile"); RIC-LM helps less;
+kNN-LM improves as the datastore grows (Fig. 3).
+
+What this script does (every size is a flag; seeds fixed):
+
+1. corpus: a built ``lmlab.corpus`` folder (``--corpus``), or built here from ``--from`` specs (default: the
+   installed Debian packages' docs and man pages, DEP-5 licences); split by source group, stratified by licence
+   class (``lmlab.corpus.split_corpus``), so no package is in two splits.
+2. pools: permissive = public_domain + permissive_sw (+ attribution with ``--attribution``); restricted =
+   copyleft + noncommercial + unknown. The tokenizer (BPE) is trained on permissive train text only.
+3. two LMs of the same architecture and token budget: the *parametric* one on the permissive pool, the
+   *reference* one on permissive + restricted.
+4. a datastore (keys from the parametric LM) of the restricted train pool; kNN-LM k/temperature/lambda tuned on
+   restricted validation text (silo-lm grid, k to 4096), reported on restricted test text (unseen sources)
+   and on permissive test text; RIC-LM (BM25 blocks) on the same; the reference LM on the same.
+5. gap closed = (ppl_param - ppl_kNN) / (ppl_param - ppl_ref) on restricted test; perplexity vs datastore size
+   (documents opted out of copies of the datastore, re-tuned at each size); results/silo.png.
+6. SmolLM2-135M as the parametric model over a (smaller) datastore of the same restricted documents.
+
+    nice -n 10 python recipes/silo.py                        # defaults (not timed: see below)
+    python recipes/silo.py --steps 2000 --restricted-mb 8    # bigger
+    python recipes/silo.py --train-only permissive & python recipes/silo.py --train-only reference  # LMs in parallel
+
+results/silo.json was written with the much smaller flags in its ``summary.command`` (64 training steps,
+0.6 MB datastore text): the shared 2-core machine was about 5x oversubscribed, the two LMs were trained in
+parallel with ``--train-only`` (~15 min), and the rest took 28 min. At that budget both LMs are barely trained
+(perplexity ~1200), so the gap fraction is not comparable with the paper's; ``--resummarize`` recomputes the
+summary of an existing results file from its recorded numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lmlab.io import write_json_atomic
+
+PERMISSIVE = ("public_domain", "permissive_sw")
+RESTRICTED = ("copyleft", "noncommercial", "unknown")
+PAPER = {"gap_closed_knn": "up to 90% (abstract; Fig. 2 / Table 3: kNN-LM closes most of the PD/SW-to-Pythia gap "
+                           "out of domain)", "ric_vs_knn": "RIC-LM helps but less than kNN-LM (Sec. 5.1)",
+         "size": "kNN-LM perplexity keeps falling as the datastore grows (Fig. 3)"}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def order_key(seed: int, doc_id: str) -> str:
+    return hashlib.blake2b(f"{seed}\0{doc_id}".encode(), digest_size=8).hexdigest()
+
+
+def take(corpus, classes, max_mb: float, seed: int) -> list:
+    """Documents of the given classes in a seeded order, up to ``max_mb`` of text (whole documents)."""
+    docs = sorted(corpus.filter(license_classes=list(classes)), key=lambda d: order_key(seed, d.id))
+    out, total = [], 0
+    for d in docs:
+        if total >= max_mb * 1e6:
+            break
+        out.append(d)
+        total += len(d.text.encode())
+    return out
+
+
+def ids_of(tok, docs, max_tokens: int) -> list[int]:
+    ids: list[int] = []
+    for d in docs:
+        if ids:
+            ids.append(tok.eos_token_id)
+        ids.extend(tok(d.text, add_special_tokens=False)["input_ids"])
+        if len(ids) >= max_tokens:
+            break
+    return ids[:max_tokens]
+
+
+def prepare_corpus(args) -> Path:
+    from lmlab.corpus import SplitConfig, build_corpus, split_corpus
+    from lmlab.corpus.build import BuildConfig
+
+    work = Path(args.work)
+    corpus = Path(args.corpus) if args.corpus else work / "corpus"
+    if not args.corpus and not (corpus / "manifest.json").is_file():
+        log(f"building a corpus from {args.from_specs} into {corpus} (resumable)")
+        build_corpus(args.from_specs, corpus, config=BuildConfig(max_mb_per_source=args.max_mb_per_source,
+                                                                 workers=args.workers),
+                     command="recipes/silo.py")
+    split = work / f"split-seed{args.seed}"
+    if not (split / "test" / "manifest.json").is_file():
+        log("splitting by source group, stratified by licence class")
+        split_corpus(corpus, split, config=SplitConfig(by="license_class", fractions=(0.8, 0.1, 0.1), seed=args.seed))
+    return split
+
+
+def train_lm(name: str, texts: list[str], tok, args) -> Path:
+    from lmlab.lm import data, models
+    from lmlab.lm.train import TrainConfig, Trainer
+
+    out = Path(args.work) / name
+    if (out / "run" / "model" / "config.json").is_file():
+        return out / "run" / "model"
+    shards = out / "tokens"
+    if not (shards / "validation" / "manifest.json").is_file():
+        data.build_token_shards(texts, tok, shards, validation_fraction=0.02, source=name)
+    train, val = data.TokenShards(shards / "train"), data.TokenShards(shards / "validation")
+    log(f"{name}: {train.n_tokens:,} training tokens; {args.steps} steps x {args.batch_size} x {args.seq_len}")
+    loaded = models.load(f"tiny:{args.preset}", tokenizer=tok, seed=args.seed)
+    cfg = TrainConfig(seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps, lr=args.lr,
+                      min_lr=args.lr / 10, warmup_steps=max(1, args.steps // 20), eval_every=0,
+                      save_every=max(1, args.steps // 4), log_every=max(1, args.steps // 20), seed=args.seed)
+    trainer = Trainer(loaded.model, tok, train, cfg, out / "run", validation=val, progress=False, device=args.device)
+    trainer.fit()
+    return trainer.export()
+
+
+def make_summary(table: dict, gaps: dict, smol: dict | None, command: str) -> dict:
+    """The results table row (claim, paper, ours, command, reproduced) from the measured numbers."""
+    g = gaps["restricted"]["knn_lm"]
+    r = table["restricted"]
+    # the issue's goal: at least half the gap; over 100% only says the reference is weak, so "partly"
+    reproduced = "yes" if 0.5 <= g <= 1.0 else ("partly" if g > 0 else "no")
+    reason = (f"kNN-LM closes {g:.0%} of the parametric-to-reference gap on held-out restricted sources "
+              f"(ppl {r['parametric']:.1f} -> {r['knn_lm']:.1f}; reference {r['reference']:.1f}); RIC-LM "
+              f"{gaps['restricted']['ric_lm']:.0%}.")
+    if g > 1:
+        reason += (" Over 100%: the small reference LM is undertrained, so this says more about it than about "
+                   "the datastore.")
+    if math.isnan(g):
+        reason = (f"the reference LM ({r['reference']:.1f}) is not better than the parametric one "
+                  f"({r['parametric']:.1f}) on restricted test, so the gap is undefined; "
+                  f"kNN-LM gives {r['knn_lm']:.1f}.")
+    if smol is not None:
+        reason += (f" SmolLM2-135M over a {smol['datastore_entries']:,}-entry datastore of the same restricted "
+                   f"documents: {smol['test_ppl_lm']:.1f} -> {smol['test_ppl_knn']:.1f}.")
+    summary = {
+        "claim": "A datastore of restricted text closes most of the gap between a permissive-only LM and one "
+                 "trained on everything (kNN-LM > RIC-LM)",
+        "paper": "up to 90% of the gap closed (kNN-LM, out of domain)",
+        "ours": ("gap undefined: " if math.isnan(g) else f"{g:.0%} closed: ")
+        + f"restricted test ppl {r['parametric']:.1f} -> kNN-LM {r['knn_lm']:.1f} (reference {r['reference']:.1f}; "
+          f"RIC-LM {r['ric_lm']:.1f})",
+        "command": command,
+        "reproduced": f"{reproduced}: {reason}",
+    }
+    return summary
+
+
+def ppl_lm(model, ids, window, stride) -> float:
+    from lmlab.lm.score import perplexity
+
+    return perplexity(model, ids, window=window, stride=stride).ppl
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--work", default="/tmp/lmlab-silo", help="working folder (corpus, models, datastores; resumable)")
+    p.add_argument("--corpus", default=None, help="an existing lmlab corpus folder (default: build one)")
+    p.add_argument("--from", dest="from_specs", action="append", default=None,
+                   help="corpus build specs when --corpus is not given (default: debian)")
+    p.add_argument("--max-mb-per-source", type=float, default=1.0, help="corpus cap per package/group")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--permissive-mb", type=float, default=4.0, help="permissive training text")
+    p.add_argument("--restricted-mb", type=float, default=2.0, help="restricted text (reference LM + datastore)")
+    p.add_argument("--attribution", action="store_true", help="count CC-BY-style 'attribution' as permissive")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--preset", default="small", help="tiny:<preset> architecture of both LMs")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--window", type=int, default=256, help="evaluation / datastore window (stride = window / 2)")
+    p.add_argument("--eval-tokens", type=int, default=20000, help="validation and test tokens per domain")
+    p.add_argument("--factory", default="IVF1024,Flat",
+                   help="faiss index of the datastore (IVF,Flat: exact distances of the probed lists, nprobe 8)")
+    p.add_argument("--train-size", type=int, default=65536, help="vectors to train the IVF quantizer")
+    p.add_argument("--k-grid", default="16,64,256,1024,2048,4096")
+    p.add_argument("--sizes", default="0.1,0.25,0.5,1.0", help="datastore fractions for the size curve")
+    p.add_argument("--ric-block-tokens", type=int, default=256, help="RIC-LM block (silo-lm: = window)")
+    p.add_argument("--smollm2-datastore-tokens", type=int, default=60000)
+    p.add_argument("--smollm2-eval-tokens", type=int, default=4000)
+    p.add_argument("--skip-smollm2", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--train-only", choices=("permissive", "reference"), default=None,
+                   help="train just this LM and exit (run both at once in two processes, then the full recipe)")
+    p.add_argument("--resummarize", action="store_true",
+                   help="only recompute the summary of an existing --out from its recorded numbers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/silo.json")
+    p.add_argument("--plot", default="results/silo.png")
+    args = p.parse_args(argv)
+    args.from_specs = args.from_specs or ["debian"]
+    if args.resummarize:
+        import json
+
+        old = json.loads(Path(args.out).read_text())
+        old["summary"] = make_summary(old["perplexity"], old["gap_closed"], old.get("smollm2"),
+                                      old["summary"]["command"])
+        write_json_atomic(args.out, old)
+        print(old["summary"])
+        return 0
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+
+    from lmlab.corpus import Corpus
+    from lmlab.lm import models, tokenizer
+    from lmlab.silo import Datastore, DatastoreConfig, KnnLM, KnnLMConfig, build_datastore
+    from lmlab.silo.knn_lm import LMBDA_GRID, TEMPERATURE_GRID
+    from lmlab.silo.ric_lm import RicLM, RicLMConfig
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    split = prepare_corpus(args)
+    train, val, test = (Corpus(split / s) for s in ("train", "validation", "test"))
+    perm_classes = PERMISSIVE + (("attribution",) if args.attribution else ())
+    perm_train = take(train, perm_classes, args.permissive_mb, args.seed)
+    restr_train = take(train, RESTRICTED, args.restricted_mb, args.seed)
+    restr_val = take(val, RESTRICTED, 50, args.seed)
+    restr_test, perm_test = take(test, RESTRICTED, 50, args.seed), take(test, perm_classes, 50, args.seed)
+    for name, docs in (("permissive train", perm_train), ("restricted train", restr_train),
+                       ("restricted validation", restr_val), ("restricted test", restr_test),
+                       ("permissive test", perm_test)):
+        if not docs:
+            print(f"error: no {name} documents in {split}: give a bigger corpus", file=sys.stderr)
+            return 2
+    sizes_mb = {n: sum(len(d.text.encode()) for d in docs) / 1e6 for n, docs in
+                (("permissive_train", perm_train), ("restricted_train", restr_train))}
+    log(f"pools: {sizes_mb}")
+
+    tok_dir = work / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        log("training the BPE tokenizer on permissive training text only")
+        tokenizer.train_bpe([d.text for d in perm_train], vocab_size=args.vocab_size, out_dir=tok_dir)
+    tok = tokenizer.load(tok_dir)
+    ref_texts = [d.text for d in sorted(perm_train + restr_train, key=lambda d: order_key(args.seed, d.id))]
+    if args.train_only:
+        name, texts = ("lm-permissive", [d.text for d in perm_train]) if args.train_only == "permissive" else \
+            ("lm-reference", ref_texts)
+        log(f"trained {train_lm(name, texts, tok, args)}")
+        return 0
+    param_dir = train_lm("lm-permissive", [d.text for d in perm_train], tok, args)
+    ref_dir = train_lm("lm-reference", ref_texts, tok, args)
+    param, ref = models.load(str(param_dir), device=args.device), models.load(str(ref_dir), device=args.device)
+    W, S = args.window, args.window // 2  # noqa: N806
+
+    ds_cfg = DatastoreConfig(window=W, stride=S, batch_size=8, docs_per_chunk=16, factory=args.factory,
+                             train_size=args.train_size)
+    ds_dir = work / "datastore"
+    if (ds_dir / "manifest.json").is_file():
+        ds = Datastore.load(ds_dir, param)
+    else:
+        log(f"datastore: encoding {len(restr_train)} restricted documents with the parametric LM")
+        t = time.time()
+        ds = build_datastore(restr_train, param, ds_dir, ds_cfg)
+        log(f"datastore: {ds.n_entries:,} entries in {time.time() - t:.0f} s")
+    val_ids = ids_of(tok, restr_val, args.eval_tokens)
+    test_ids = {"restricted": ids_of(tok, restr_test, args.eval_tokens),
+                "permissive": ids_of(tok, perm_test, args.eval_tokens)}
+    k_grid = tuple(int(k) for k in args.k_grid.split(","))
+
+    def tune_and_test(store, model_loaded):
+        knn = KnnLM(model_loaded, store, KnnLMConfig())
+        tr = knn.tune(val_ids, k_grid=k_grid, temperature_grid=TEMPERATURE_GRID, lmbda_grid=LMBDA_GRID)
+        best = knn.with_config(k=tr.best.k, temperature=tr.best.temperature, lmbda=tr.best.lmbda)
+        return tr, {dom: best.evaluate(ids) for dom, ids in test_ids.items()}
+
+    log("kNN-LM: tuning on restricted validation, testing on restricted and permissive test")
+    t = time.time()
+    tr, knn_res = tune_and_test(ds, param)
+    knn_seconds = time.time() - t
+    log(f"kNN-LM best {tr.best} (val ppl {tr.best_ppl:.2f} vs LM {tr.ppl_lm:.2f}) in {knn_seconds:.0f} s")
+
+    ric_dir = work / "ric"
+    ric = RicLM.load(ric_dir, tok) if (ric_dir / "manifest.json").is_file() else \
+        RicLM.build(restr_train, tok, ric_dir, block_tokens=args.ric_block_tokens)
+    ric_cfg = RicLMConfig(block_tokens=args.ric_block_tokens, n_blocks=1, window=W, stride=S)
+    ric_res = {dom: ric.evaluate(param.model, tok, ids, ric_cfg).ppl for dom, ids in test_ids.items()}
+    ref_res = {dom: ppl_lm(ref.model, ids, W, S) for dom, ids in test_ids.items()}
+    table = {dom: {"parametric": knn_res[dom].ppl_lm, "ric_lm": ric_res[dom], "knn_lm": knn_res[dom].ppl,
+                   "reference": ref_res[dom]} for dom in test_ids}
+    for dom, row in table.items():
+        log(f"{dom:10s} test ppl: " + "  ".join(f"{k} {v:.2f}" for k, v in row.items()))
+
+    def gap(row, key):
+        den = row["parametric"] - row["reference"]
+        return (row["parametric"] - row[key]) / den if den > 0 else float("nan")
+
+    gaps = {dom: {"knn_lm": gap(row, "knn_lm"), "ric_lm": gap(row, "ric_lm")} for dom, row in table.items()}
+
+    # perplexity vs datastore size: copies of the datastore with the documents beyond the first fraction opted out
+    size_curve = []
+    doc_tokens = torch.bincount(torch.from_numpy(ds.doc.astype("int64")), minlength=len(ds.docs)).cumsum(0)
+    for frac in sorted(float(x) for x in args.sizes.split(",")):
+        if frac >= 1.0:
+            store = ds
+        else:
+            sub = work / f"datastore-{frac:g}"
+            if not (sub / "manifest.json").is_file():
+                shutil.rmtree(sub, ignore_errors=True)
+                shutil.copytree(ds_dir, sub)
+                keep = int(torch.searchsorted(doc_tokens, frac * ds.n_entries)) + 1  # documents holding frac of tokens
+                Datastore.load(sub).optout(doc_ids=[d.id for d in ds.docs[keep:]])
+            store = Datastore.load(sub, param)
+        str_, res = tune_and_test(store, param)
+        size_curve.append({"fraction": frac, "live_entries": len(store), "best": vars(str_.best),
+                           "restricted_ppl": res["restricted"].ppl, "permissive_ppl": res["permissive"].ppl})
+        log(f"size {frac:g}: {len(store):,} entries -> restricted test ppl {res['restricted'].ppl:.2f}")
+
+    def finish(smol):
+        if args.plot:
+            try:
+                import matplotlib
+
+                matplotlib.use("Agg")
+                import matplotlib.pyplot as plt
+
+                fig, ax = plt.subplots(figsize=(5.5, 3.8))
+                xs = [r["live_entries"] for r in size_curve]
+                ax.plot(xs, [r["restricted_ppl"] for r in size_curve], "o-", label="kNN-LM (restricted test)")
+                ax.axhline(table["restricted"]["parametric"], ls="--", c="gray", label="parametric (permissive-only)")
+                ax.axhline(table["restricted"]["reference"], ls=":", c="k", label="reference (all data)")
+                ax.set_xscale("log")
+                ax.set_xlabel("datastore entries (tokens)")
+                ax.set_ylabel("perplexity")
+                ax.set_title("SILO at small scale: perplexity vs datastore size")
+                ax.legend(fontsize=8)
+                fig.tight_layout()
+                Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+                fig.savefig(args.plot, dpi=120)
+            except ImportError:
+                log("matplotlib is not installed: no plot")
+                args.plot = None
+
+        summary = make_summary(table, gaps, smol, "nice -n 10 python recipes/silo.py " +
+                               " ".join(sys.argv[1:] if argv is None else argv))
+        result = {
+            "summary": summary, "paper": PAPER,
+            "config": vars(args), "pools_mb": sizes_mb,
+            "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                            "machine": platform.machine(), "threads": args.threads, "device": args.device,
+                            "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
+            "datastore": ds.stats(), "tuned": {"best": vars(tr.best), "val_ppl_knn": tr.best_ppl,
+                                               "val_ppl_lm": tr.ppl_lm, "grid_points": len(tr.table)},
+            "test_tokens": {dom: len(ids) - 1 for dom, ids in test_ids.items()},
+            "perplexity": table, "gap_closed": gaps, "size_curve": size_curve, "smollm2": smol,
+            "per_seed": {str(args.seed): {"perplexity": table, "gap_closed": gaps}},
+            "seconds": time.time() - t0, "knn_tune_and_test_seconds": knn_seconds,
+        }
+        write_json_atomic(args.out, result)
+        log(f"wrote {args.out}: {summary['ours']}")
+
+    finish(None)  # written before the (slow) SmolLM2 run, rewritten after it
+    smol = None
+    if not args.skip_smollm2 and models.is_available("smollm2-135m"):
+        log("SmolLM2-135M: datastore over the same restricted documents (capped), tune, test")
+        sm = models.load("smollm2-135m", device=args.device)
+        sdir = work / "datastore-smollm2"
+        stok = sm.tokenizer
+        docs, n = [], 0
+        for d in restr_train:
+            docs.append(d)
+            n += len(stok(d.text, add_special_tokens=False)["input_ids"])
+            if n >= args.smollm2_datastore_tokens:
+                break
+        sw = 512
+        t = time.time()
+        sds = Datastore.load(sdir, sm) if (sdir / "manifest.json").is_file() else build_datastore(
+            docs, sm, sdir, DatastoreConfig(window=sw, stride=sw // 2, batch_size=4, docs_per_chunk=8))
+        build_s = time.time() - t
+        sknn = KnnLM(sm, sds, KnnLMConfig())
+        sval = ids_of(stok, restr_val, args.smollm2_eval_tokens)
+        stest = ids_of(stok, restr_test, args.smollm2_eval_tokens)
+        st = sknn.tune(sval, k_grid=k_grid, temperature_grid=TEMPERATURE_GRID, lmbda_grid=LMBDA_GRID)
+        sres = sknn.with_config(k=st.best.k, temperature=st.best.temperature, lmbda=st.best.lmbda).evaluate(stest)
+        smol = {"datastore_entries": sds.n_entries, "datastore_documents": len(docs), "build_seconds": build_s,
+                "best": vars(st.best), "val_ppl_lm": st.ppl_lm, "val_ppl_knn": st.best_ppl,
+                "test_tokens": sres.n_tokens, "test_ppl_lm": sres.ppl_lm, "test_ppl_knn": sres.ppl}
+        log(f"SmolLM2: restricted test ppl {sres.ppl_lm:.2f} -> kNN-LM {sres.ppl:.2f} ({sds.n_entries:,} entries)")
+
+    if smol is not None:
+        finish(smol)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""`lmlab silo ...`: build a datastore, evaluate kNN-LM / RIC-LM, generate with attribution, opt out, serve.
+
+Heavy imports (torch, faiss, transformers) happen inside the commands, so `lmlab --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+RESTRICTED = ("copyleft", "noncommercial", "unknown")  # SILO's datastore pool: everything not permissive
+
+
+def _shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"--shard takes i/n (e.g. 0/4), not {value!r}") from None
+    return i, n
+
+
+def _load_model(spec: str, tokenizer: str | None):
+    from lmlab.lm import models
+
+    tok = None
+    if tokenizer:
+        from lmlab.lm.tokenizer import load as load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
+    return models.load(spec, tokenizer=tok)
+
+
+def open_documents(path: str, license_classes: tuple[str, ...] = (), *, max_docs: int | None = None):
+    """Documents of a corpus folder (lmlab.corpus) or a plain folder/JSONL; optionally only some licence classes."""
+    import itertools
+
+    from lmlab.corpus import open_corpus
+
+    corpus = open_corpus(path)
+    if license_classes:
+        corpus = corpus.filter(license_classes=list(license_classes))
+    docs = iter(corpus)
+    return itertools.islice(docs, max_docs) if max_docs else docs
+
+
+def _texts(path: str, max_docs: int | None = None) -> list[str]:
+    return [d.text for d in open_documents(path, max_docs=max_docs)]
+
+
+@click.group("silo")
+def silo_group():
+    """SILO (arXiv 2308.04430): a datastore of restricted text beside a permissively trained LM."""
+
+
+def _datastore_options(f):
+    for opt in reversed([
+        click.option("--key-point", default="final", show_default=True,
+                     help="'final' (hidden_states[-1]) or MODULE:input|output, e.g. model.layers.3.mlp:input."),
+        click.option("--window", default=1024, show_default=True, help="Tokens per window (<= model positions)."),
+        click.option("--stride", default=512, show_default=True),
+        click.option("--batch-size", default=8, show_default=True),
+        click.option("--docs-per-chunk", default=64, show_default=True, help="Unit of resume and sharding."),
+        click.option("--factory", default="Flat", show_default=True,
+                     help="faiss index_factory string, e.g. IVF4096,PQ64 for large stores."),
+        click.option("--nprobe", default=8, show_default=True),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _ds_config(key_point, window, stride, batch_size, docs_per_chunk, factory, nprobe):
+    from lmlab.silo import DatastoreConfig
+
+    return DatastoreConfig(key_point=key_point, window=window, stride=stride, batch_size=batch_size,
+                           docs_per_chunk=docs_per_chunk, factory=factory, nprobe=nprobe)
+
+
+@silo_group.command("build-datastore")
+@click.option("--corpus", "corpus_path", required=True, type=click.Path(exists=True),
+              help="A corpus folder (lmlab corpus build/split) or a plain folder/JSONL of text.")
+@click.option("--model", "model_spec", required=True, help="Model spec (HF folder, named model, tiny:<preset>).")
+@click.option("--tokenizer", default=None, type=click.Path(), help="Tokenizer folder for tiny:* models.")
+@click.option("--out", required=True, type=click.Path(), help="Datastore folder (or shard folder with --shard).")
+@click.option("--license-class", "classes", multiple=True,
+              help="Only documents of these classes (repeatable). Default: all documents.")
+@click.option("--restricted", is_flag=True, help=f"Only the restricted classes ({', '.join(RESTRICTED)}).")
+@click.option("--shard", default=None, help="Encode shard i/n only; join shards with `lmlab silo merge-shards`.")
+@click.option("--max-docs", default=None, type=int, help="Only the first N documents.")
+@_datastore_options
+def build_cmd(corpus_path, model_spec, tokenizer, out, classes, restricted, shard, max_docs, **kw):
+    """Encode a corpus into a datastore (keys, next tokens, provenance) and index it; resumable."""
+    from lmlab.silo import build_datastore
+
+    loaded = _load_model(model_spec, tokenizer)
+    docs = open_documents(corpus_path, tuple(classes) or (RESTRICTED if restricted else ()), max_docs=max_docs)
+    res = build_datastore(docs, loaded, out, _ds_config(**kw), shard=_shard(shard))
+    if isinstance(res, dict):
+        click.echo(f"shard {res['shard'][0]}/{res['shard'][1]}: {res['entries_this_shard']} entries -> {out}")
+    else:
+        s = res.stats()
+        click.echo(f"datastore {out}: {s['entries']} entries, {s['documents']} documents, "
+                   f"{s['index_bytes_per_entry']:.1f} index bytes/entry")
+
+
+@silo_group.command("merge-shards")
+@click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path())
+@_datastore_options
+def merge_cmd(shards, out, **kw):
+    """Join the shard folders of `build-datastore --shard i/n` into one datastore."""
+    from lmlab.silo import merge_shards
+
+    ds = merge_shards(list(shards), out, _ds_config(**kw))
+    click.echo(f"datastore {out}: {ds.n_entries} entries from {len(shards)} shards")
+
+
+def _knn_options(f):
+    for opt in reversed([
+        click.option("--k", default=1024, show_default=True),
+        click.option("--temperature", default=1.0, show_default=True),
+        click.option("--lmbda", default=0.25, show_default=True, help="Weight of p_kNN in the interpolation."),
+        click.option("--rescore", is_flag=True, help="Exact distances from fp16 keys (approximate indexes)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@silo_group.command("eval")
+@click.option("--datastore", required=True, type=click.Path(exists=True))
+@click.option("--model", "model_spec", required=True)
+@click.option("--tokenizer", default=None, type=click.Path())
+@click.option("--validation", required=True, type=click.Path(exists=True), help="Text/corpus to tune k, T, lambda on.")
+@click.option("--test", "test_path", required=True, type=click.Path(exists=True), help="Text/corpus to report on.")
+@click.option("--ric", default=None, type=click.Path(exists=True), help="A RIC-LM index (`lmlab silo build-ric`).")
+@click.option("--ric-window", default=None, type=int, help="RIC-LM window (default: positions - blocks).")
+@click.option("--max-docs", default=None, type=int)
+@click.option("--rescore", is_flag=True)
+@click.option("--json", "json_out", default=None, type=click.Path(), help="Also write the numbers here.")
+def eval_cmd(datastore, model_spec, tokenizer, validation, test_path, ric, ric_window, max_docs, rescore, json_out):
+    """Tune kNN-LM on validation (silo-lm grid), report parametric / kNN-LM (/ RIC-LM) perplexity on test."""
+    from lmlab.silo import Datastore, KnnLM, KnnLMConfig
+
+    loaded = _load_model(model_spec, tokenizer)
+    ds = Datastore.load(datastore, loaded)
+    knn = KnnLM(loaded, ds, KnnLMConfig(rescore=rescore))
+    tr = knn.tune(knn.encode(_texts(validation, max_docs)), progress=True)
+    res = knn.with_config(k=tr.best.k, temperature=tr.best.temperature, lmbda=tr.best.lmbda).evaluate(
+        knn.encode(_texts(test_path, max_docs)), progress=True)
+    out = {"validation": {"ppl_lm": tr.ppl_lm, "ppl_knn": tr.best_ppl, "best": vars(tr.best)},
+           "test": {"tokens": res.n_tokens, "ppl_lm": res.ppl_lm, "ppl_knn": res.ppl}}
+    if ric:
+        from lmlab.silo.ric_lm import RicLM, RicLMConfig
+
+        r = RicLM.load(ric, loaded.tokenizer)
+        bt = int(r.manifest["block_tokens"])
+        window = ric_window or (loaded.model.config.max_position_embeddings - bt)
+        cfg = RicLMConfig(block_tokens=bt, n_blocks=1, window=window, stride=max(1, window // 2))
+        out["test"]["ppl_ric"] = r.evaluate(loaded.model, loaded.tokenizer, knn.encode(_texts(test_path, max_docs)),
+                                            cfg, progress=True).ppl
+    click.echo(f"tuned on validation: k={tr.best.k} temperature={tr.best.temperature} lmbda={tr.best.lmbda}")
+    for name, key in (("parametric", "ppl_lm"), ("+ kNN-LM", "ppl_knn"), ("+ RIC-LM", "ppl_ric")):
+        if key in out["test"]:
+            click.echo(f"{name:12s} test perplexity {out['test'][key]:10.3f}")
+    if json_out:
+        from lmlab.io import write_json_atomic
+
+        write_json_atomic(json_out, out)
+
+
+@silo_group.command("build-ric")
+@click.option("--corpus", "corpus_path", required=True, type=click.Path(exists=True))
+@click.option("--model", "model_spec", required=True, help="Model whose tokenizer cuts the blocks.")
+@click.option("--tokenizer", default=None, type=click.Path())
+@click.option("--out", required=True, type=click.Path())
+@click.option("--block-tokens", default=256, show_default=True)
+@click.option("--license-class", "classes", multiple=True)
+@click.option("--restricted", is_flag=True, help=f"Only the restricted classes ({', '.join(RESTRICTED)}).")
+def build_ric_cmd(corpus_path, model_spec, tokenizer, out, block_tokens, classes, restricted):
+    """Index fixed-size token blocks of a corpus with BM25 for RIC-LM."""
+    from lmlab.silo.ric_lm import RicLM
+
+    loaded = _load_model(model_spec, tokenizer)
+    docs = open_documents(corpus_path, tuple(classes) or (RESTRICTED if restricted else ()))
+    r = RicLM.build(docs, loaded.tokenizer, out, block_tokens=block_tokens)
+    click.echo(f"RIC-LM index {out}: {r.n_blocks} blocks of <= {block_tokens} tokens")
+
+
+@silo_group.command("generate")
+@click.option("--datastore", required=True, type=click.Path(exists=True))
+@click.option("--model", "model_spec", required=True)
+@click.option("--tokenizer", default=None, type=click.Path())
+@click.option("--prompt", required=True)
+@click.option("--max-tokens", default=32, show_default=True)
+@click.option("--sample-temperature", default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--attribute", is_flag=True, help="Print each token's top neighbours (document, licence, snippet).")
+@click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
+@_knn_options
+def generate_cmd(datastore, model_spec, tokenizer, prompt, max_tokens, sample_temperature, attribute, as_json,
+                 k, temperature, lmbda, rescore):
+    """Generate from the kNN-LM; with --attribute, say which documents each token came from."""
+    from dataclasses import asdict
+
+    from lmlab.silo import Datastore, KnnLM, KnnLMConfig
+
+    loaded = _load_model(model_spec, tokenizer)
+    knn = KnnLM(loaded, Datastore.load(datastore, loaded),
+                KnnLMConfig(k=k, temperature=temperature, lmbda=lmbda, rescore=rescore))
+    g = knn.generate(prompt, max_tokens=max_tokens, temperature=sample_temperature)
+    if as_json:
+        click.echo(json.dumps(asdict(g), default=str, indent=1))
+        return
+    click.echo(prompt + g.text)
+    if attribute:
+        click.echo(format_attribution(g.tokens))
+
+
+def format_attribution(tokens, *, max_tokens: int = 64) -> str:
+    """One line per token: probability, the datastore's share, and its top neighbour's provenance."""
+    import math
+
+    lines = []
+    for t in tokens[:max_tokens]:
+        head = f"{t.token!r:>12} p={math.exp(t.logprob):.3f} datastore={t.datastore_share:.0%}"
+        if t.neighbours:
+            n = t.neighbours[0]
+            snippet = n.snippet.replace("\n", " ")[-60:]
+            head += f"  <- {n.doc_id[:12]} {n.license} {n.source[:50]} (+{n.offset}, {n.share:.0%}) ...{snippet!r}"
+        lines.append(head)
+    return "\n".join(lines)
+
+
+@silo_group.command("optout")
+@click.option("--datastore", required=True, type=click.Path(exists=True))
+@click.option("--doc-id", "doc_ids", multiple=True, help="A document id (repeatable).")
+@click.option("--source", "sources", multiple=True, help="A source or group (package); 'prefix*' for a prefix.")
+@click.option("--license-class", "classes", multiple=True, help="A whole licence class.")
+@click.option("--ric", default=None, type=click.Path(exists=True), help="Also tombstone them in this RIC-LM index.")
+def optout_cmd(datastore, doc_ids, sources, classes, ric):
+    """Remove documents from the datastore for good (index remove_ids + tombstones in the manifest)."""
+    from lmlab.silo import Datastore
+
+    ds = Datastore.load(datastore)
+    rep = ds.optout(doc_ids=doc_ids, sources=sources, license_classes=classes)
+    click.echo(f"removed {rep.documents} documents ({rep.entries} entries); {rep.live_entries} entries left")
+    if ric:
+        from lmlab.silo.ric_lm import RicLM
+
+        n = RicLM.load(ric).optout(doc_ids=doc_ids, sources=sources, license_classes=classes)
+        click.echo(f"RIC-LM: {n} more blocks masked")
+
+
+@silo_group.command("serve")
+@click.option("--datastore", required=True, type=click.Path(exists=True))
+@click.option("--model", "model_spec", required=True)
+@click.option("--tokenizer", default=None, type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8001, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--audit-log", default=None, type=click.Path(),
+              help="Opt-out audit log (default: DATASTORE.audit.jsonl).")
+@_knn_options
+def serve_cmd(datastore, model_spec, tokenizer, host, port, audit_log, k, temperature, lmbda, rescore):
+    """Serve generation with attribution, scoring, opt-out (admin token: $LMLAB_SILO_ADMIN_TOKEN) and stats."""
+    import uvicorn
+
+    from lmlab.silo import Datastore, KnnLMConfig
+    from lmlab.silo.server import SiloService, create_app
+
+    loaded = _load_model(model_spec, tokenizer)
+    service = SiloService(loaded, Datastore.load(datastore, loaded),
+                          KnnLMConfig(k=k, temperature=temperature, lmbda=lmbda, rescore=rescore),
+                          audit_log=audit_log)
+    click.echo(f"serving SILO at http://{host}:{port}/v1 (docs at /docs)", err=True)
+    uvicorn.run(create_app(service), host=host, port=port, log_level="info")
+
+
+@silo_group.command("pipeline")
+@click.option("--corpus", "corpus_dir", required=True, type=click.Path(exists=True),
+              help="A split corpus (train/, validation/, test/ from `lmlab corpus split`).")
+@click.option("--model", "model_spec", required=True, help="The (permissively trained) parametric LM.")
+@click.option("--tokenizer", default=None, type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Working folder (datastore, ric, results.json).")
+@click.option("--max-docs", default=None, type=int, help="Cap documents per split (for quick runs).")
+@click.option("--window", default=None, type=int, help="Window (default: min(1024, model positions)).")
+@click.option("--prompt", default=None, help="Prompt for the attributed sample (default: a test document's start).")
+def pipeline_cmd(corpus_dir, model_spec, tokenizer, out, max_docs, window, prompt):
+    """Datastore from the restricted train split, tune on validation, report on test, one attributed sample."""
+    from lmlab.errors import DataError
+    from lmlab.io import write_json_atomic
+    from lmlab.silo import DatastoreConfig, KnnLM, KnnLMConfig, build_datastore
+    from lmlab.silo.ric_lm import RicLM, RicLMConfig
+
+    corpus_dir, out = Path(corpus_dir), Path(out)
+    for split in ("train", "validation", "test"):
+        if not (corpus_dir / split).is_dir():
+            raise DataError(f"{corpus_dir} has no {split}/: make one with `lmlab corpus split`")
+    loaded = _load_model(model_spec, tokenizer)
+    positions = int(getattr(loaded.model.config, "max_position_embeddings", 1024))
+    window = window or min(1024, positions)
+    ds = build_datastore(open_documents(str(corpus_dir / "train"), RESTRICTED, max_docs=max_docs), loaded,
+                         out / "datastore", DatastoreConfig(window=window, stride=window // 2))
+    knn = KnnLM(loaded, ds, KnnLMConfig())
+
+    def restricted_texts(split):
+        texts = [d.text for d in open_documents(str(corpus_dir / split), RESTRICTED, max_docs=max_docs)]
+        if not texts:
+            raise DataError(f"{corpus_dir / split} has no restricted documents to evaluate on")
+        return texts
+
+    tr = knn.tune(knn.encode(restricted_texts("validation")), progress=True)
+    knn = knn.with_config(k=tr.best.k, temperature=tr.best.temperature, lmbda=tr.best.lmbda)
+    test_texts = restricted_texts("test")
+    res = knn.evaluate(knn.encode(test_texts), progress=True)
+    bt = max(16, positions // 4)
+    ric = RicLM.build(open_documents(str(corpus_dir / "train"), RESTRICTED, max_docs=max_docs), loaded.tokenizer,
+                      out / "ric", block_tokens=bt)
+    rw = min(window, positions - bt)
+    ric_res = ric.evaluate(loaded.model, loaded.tokenizer, knn.encode(test_texts),
+                           RicLMConfig(block_tokens=bt, n_blocks=1, window=rw, stride=max(1, rw // 2)))
+    prompt = prompt or test_texts[0][:80]
+    g = knn.generate(prompt, max_tokens=min(48, positions - len(loaded.tokenizer(prompt)["input_ids"]) - 1))
+    results = {"best": vars(tr.best), "validation_ppl_knn": tr.best_ppl, "validation_ppl_lm": tr.ppl_lm,
+               "test_tokens": res.n_tokens, "test_ppl_lm": res.ppl_lm, "test_ppl_knn": res.ppl,
+               "test_ppl_ric": ric_res.ppl, "sample": {"prompt": prompt, "text": g.text}}
+    write_json_atomic(out / "results.json", results)
+    click.echo(f"datastore: {ds.n_entries} entries from {len(ds.docs)} restricted documents")
+    click.echo(f"tuned on validation: k={tr.best.k} temperature={tr.best.temperature} lmbda={tr.best.lmbda}")
+    click.echo(f"test perplexity: parametric {res.ppl_lm:.3f} | + RIC-LM {ric_res.ppl:.3f} | + kNN-LM {res.ppl:.3f}")
+    click.echo("sample: " + prompt + g.text)
+    click.echo(format_attribution(g.tokens, max_tokens=12))

@@ -1,0 +1,184 @@
+"""Datastore: keys/values/provenance, manifest, resume, shards, refusal of another model, IVF-PQ, opt-out."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from lmlab.errors import ConfigError, DataError, ManifestMismatchError
+from lmlab.silo import Datastore, DatastoreConfig, build_datastore, merge_shards
+
+torch.set_num_threads(1)
+
+
+def _stream_len(tok, docs):
+    return sum(len(tok(d.text, add_special_tokens=False)["input_ids"]) for d in docs)
+
+
+def test_values_and_provenance_follow_the_documents(store, tiny, docs):
+    tok = tiny.tokenizer
+    m = store.manifest
+    assert m["kind"] == "silo-datastore" and m["key_point"] == "final" and m["dim"] == 32
+    assert m["documents"] == len(docs) == len(store.docs)
+    # every chunk of c documents adds c-1 EOS separators and loses its first token (never a target)
+    n_chunks = -(-len(docs) // 4)
+    assert m["entries"] == _stream_len(tok, docs) + (len(docs) - n_chunks) - n_chunks == len(store)
+    for e in range(0, store.n_entries, 37):
+        d = store.docs[store.doc[e]]
+        ids = tok(docs[store.doc[e]].text, add_special_tokens=False)["input_ids"]
+        assert d.id == docs[store.doc[e]].id and d.license_class == docs[store.doc[e]].license_class
+        off = store.offset[e]
+        expected = ids[off] if off < len(ids) else tok.eos_token_id
+        assert store.values[e] == expected
+
+
+def test_keys_are_the_final_hidden_states(store, tiny, docs):
+    tok = tiny.tokenizer
+    ids = tok(docs[0].text, add_special_tokens=False)["input_ids"][:40]  # inside the first window of chunk 0
+    with torch.no_grad():
+        h = tiny.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+    # entry j of chunk 0 is the target ids[j + 1], keyed by the state at position j
+    np.testing.assert_allclose(np.asarray(store.keys[:39], np.float32), h[:39].numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_hook_key_point_is_recorded_and_used(tiny, docs, tmp_path):
+    cfg = DatastoreConfig(key_point="model.layers.1.mlp:input", window=64, stride=32, docs_per_chunk=4)
+    ds = build_datastore(docs[:4], tiny, tmp_path / "ds", cfg, progress=False)
+    assert ds.manifest["key_point"] == "model.layers.1.mlp:input" and ds.dim == 32
+    from lmlab.lm.hooks import capture
+
+    ids = tiny.tokenizer(docs[0].text, add_special_tokens=False)["input_ids"][:20]
+    with capture(tiny.model, "model.layers.1.mlp", what="input") as cap, torch.no_grad():
+        tiny.model(torch.tensor([ids]))
+    np.testing.assert_allclose(np.asarray(ds.keys[:19], np.float32), cap["model.layers.1.mlp"][0, :19].numpy(),
+                               rtol=2e-3, atol=2e-3)
+    with pytest.raises(ConfigError):
+        DatastoreConfig(key_point="nonsense").validate()
+
+
+def test_manifest_checksums_and_model_mismatch_refused(store, tiny):
+    from lmlab.lm import models
+    from lmlab.lm.tokenizer import train_bpe
+
+    Datastore.load(store.folder, tiny, verify=True)
+    other = models.load("tiny:micro", seed=1)
+    with pytest.raises(ManifestMismatchError, match="built with model"):
+        Datastore.load(store.folder, other)
+    tok = train_bpe(["hello world"] * 20, vocab_size=300)
+    other_tok = models.load("tiny:micro", seed=0, tokenizer=tok)
+    with pytest.raises(ManifestMismatchError):
+        Datastore.load(store.folder, other_tok)
+    (store.folder / "values.npy").write_bytes(b"corrupt")
+    with pytest.raises(DataError, match="size|checksum"):
+        Datastore.load(store.folder, verify=True)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupting(docs, after):
+    for i, d in enumerate(docs):
+        if i == after:
+            raise Interrupt
+        yield d
+
+
+def test_interrupted_build_resumes_without_duplicates(tiny, docs, small_config, tmp_path):
+    ref = build_datastore(docs, tiny, tmp_path / "ref", small_config, progress=False)
+    out = tmp_path / "ds"
+    with pytest.raises(Interrupt):
+        build_datastore(_interrupting(docs, 9), tiny, out, small_config, progress=False)
+    parts = sorted(p.name for p in (tmp_path / "ds.parts").glob("part-*.npz"))
+    assert parts == ["part-0000000.npz", "part-0000001.npz"] and not out.exists()
+    mtime = (tmp_path / "ds.parts" / parts[0]).stat().st_mtime_ns
+    ds = build_datastore(docs, tiny, out, small_config, progress=False)
+    assert not (tmp_path / "ds.parts").exists()
+    assert ds.n_entries == ref.n_entries
+    np.testing.assert_array_equal(ds.values, ref.values)
+    np.testing.assert_array_equal(ds.doc, ref.doc)
+    np.testing.assert_array_equal(np.asarray(ds.keys), np.asarray(ref.keys))
+    assert [d.id for d in ds.docs] == [d.id for d in ref.docs]
+    del mtime
+
+
+def test_resume_with_other_settings_is_refused(tiny, docs, small_config, tmp_path):
+    with pytest.raises(Interrupt):
+        build_datastore(_interrupting(docs, 5), tiny, tmp_path / "ds", small_config, progress=False)
+    with pytest.raises(ManifestMismatchError, match="other settings"):
+        build_datastore(docs, tiny, tmp_path / "ds", DatastoreConfig(window=32, stride=16, docs_per_chunk=4),
+                        progress=False)
+
+
+def test_shards_merge_into_the_unsharded_datastore(tiny, docs, small_config, tmp_path):
+    ref = build_datastore(docs, tiny, tmp_path / "ref", small_config, progress=False)
+    for i in range(3):
+        build_datastore(docs, tiny, tmp_path / f"s{i}", small_config, shard=(i, 3), progress=False)
+    with pytest.raises(DataError, match="every shard"):
+        merge_shards([tmp_path / "s0", tmp_path / "s1"], tmp_path / "bad", small_config, progress=False)
+    ds = merge_shards([tmp_path / f"s{i}" for i in (2, 0, 1)], tmp_path / "merged", small_config, progress=False)
+    np.testing.assert_array_equal(ds.values, ref.values)
+    np.testing.assert_array_equal(np.asarray(ds.keys), np.asarray(ref.keys))
+    xq = np.asarray(ref.keys[:5], np.float32)
+    np.testing.assert_array_equal(ds.search(xq, 4).I, ref.search(xq, 4).I)
+
+
+def test_ivfpq_with_exact_rescoring(tiny, docs, tmp_path, store):
+    cfg = DatastoreConfig(window=64, stride=32, docs_per_chunk=4, factory="IVF8,PQ4x4", nprobe=8)
+    ds = build_datastore(docs, tiny, tmp_path / "ivf", cfg, progress=False)
+    assert ds.stats()["index_bytes_per_entry"] < store.stats()["index_bytes_per_entry"]
+    xq = np.asarray(ds.keys[100:110], np.float32)
+    approx = ds.search(xq, 8)
+    exact = ds.search(xq, 8, rescore=True)
+    np.testing.assert_array_equal(approx.I, exact.I)
+    keys = np.asarray(ds.keys, np.float32)
+    want = ((xq[:, None] - keys[exact.I]) ** 2).sum(-1)
+    np.testing.assert_allclose(exact.D, want, rtol=1e-4, atol=1e-5)
+    self_hit = exact.I == np.arange(100, 110)[:, None]
+    assert self_hit.any() and np.all(exact.D[self_hit] <= 1e-6)  # a stored key is at exact distance 0 from itself
+    assert not np.allclose(approx.D, exact.D)  # PQ distances are approximate
+    with pytest.raises(ConfigError, match="training vectors"):
+        build_datastore(docs[:1], tiny, tmp_path / "tiny_ivf", DatastoreConfig(
+            window=64, stride=32, factory="IVF4096,PQ8"), progress=False)
+
+
+def test_optout_persists_and_removed_docs_never_come_back(store, tiny):
+    target = store.docs.index(next(d for d in store.docs if d.id == "planted"))
+    planted_entries = np.flatnonzero(store.doc == target)
+    xq = np.asarray(store.keys[planted_entries], np.float32)
+    assert np.isin(store.search(xq, 5).I, planted_entries).any()
+    old_index = (store.folder / "index.faiss").read_bytes()
+    rep = store.optout(doc_ids=["planted"], sources=["p1"])  # a doc id and a group (package)
+    assert rep.documents == 1 + 3 and rep.entries > len(planted_entries)
+    gone = np.flatnonzero(store.removed_docs[store.doc])
+    assert not np.isin(store.search(xq, 50).I, gone).any()
+    again = Datastore.load(store.folder, tiny, verify=True)  # a restart keeps it; checksums still hold
+    assert len(again) == len(store) and not np.isin(again.search(xq, 50).I, gone).any()
+    assert json.loads((store.folder / "manifest.json").read_text())["tombstones"]["doc_ids"] == ["planted"]
+    # a crash after the manifest but before the index rename: the tombstones are re-applied on load
+    (store.folder / "index.faiss").write_bytes(old_index)
+    crashed = Datastore.load(store.folder)
+    assert len(crashed) == len(store) and not np.isin(crashed.search(xq, 50).I, gone).any()
+    assert again.optout(license_classes=["copyleft"]).documents > 0
+    assert {again.docs[i].license_class for i in np.unique(again.doc[again.search(xq, 50).I.ravel()])} == {"unknown"}
+    with pytest.raises(DataError, match="no datastore document"):
+        again.optout(doc_ids=["no-such-doc"])
+    with pytest.raises(ConfigError):
+        again.optout()
+
+
+def test_source_prefix_optout(store):
+    rep = store.optout(sources=["debian:p2@*"])
+    assert rep.documents == 3
+    assert all(store.removed_docs[i] == store.docs[i].source.startswith("debian:p2@") for i in range(len(store.docs)))
+
+
+def test_bad_shard_and_empty_corpus(tiny, docs, small_config, tmp_path, doc_cls):
+    with pytest.raises(ConfigError):
+        build_datastore(docs, tiny, tmp_path / "x", small_config, shard=(3, 2))
+    with pytest.raises(DataError, match="no tokens"):
+        build_datastore([doc_cls("e", "", "s", "MIT", "permissive_sw")], tiny, tmp_path / "e", small_config,
+                        progress=False)
+    shutil.rmtree(tmp_path / "e.parts", ignore_errors=True)

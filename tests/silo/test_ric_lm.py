@@ -1,0 +1,47 @@
+"""RIC-LM: no blocks = the base model; retrieval finds the source; only the window's tokens are scored; opt-out."""
+
+import pytest
+import torch
+
+from lmlab.errors import ConfigError, ManifestMismatchError
+from lmlab.lm.score import perplexity
+from lmlab.silo.ric_lm import RicLM, RicLMConfig
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture()
+def ric(docs, tiny, tmp_path):
+    return RicLM.build(docs, tiny.tokenizer, tmp_path / "ric", block_tokens=32)
+
+
+def test_zero_blocks_is_the_base_model(ric, tiny, planted_text):
+    ids = tiny.tokenizer(planted_text, add_special_tokens=False)["input_ids"]
+    r = ric.evaluate(tiny.model, tiny.tokenizer, ids, RicLMConfig(block_tokens=32, n_blocks=0, window=64, stride=32))
+    base = perplexity(tiny.model, ids, window=64, stride=32)
+    assert r.n_tokens == base.n_tokens == len(ids) - 1
+    torch.testing.assert_close(r.token_nll, base.token_nll, rtol=1e-4, atol=1e-4)
+
+
+def test_retrieval_prepends_the_source_block_and_scores_only_the_window(ric, tiny, planted_text):
+    ids = tiny.tokenizer(planted_text, add_special_tokens=False)["input_ids"]
+    cfg = RicLMConfig(block_tokens=32, n_blocks=2, window=64, stride=32)
+    r = ric.evaluate(tiny.model, tiny.tokenizer, ids, cfg)
+    assert r.n_tokens == len(ids) - 1 and r.retrieved[0] == []  # the first window has no context to query with
+    later = [b for bl in r.retrieved[1:] for b in bl]
+    assert later and all(ric.docs[ric.block_doc[b]].id == "planted" for b in later)
+    blocks = ric.blocks_for([(later[0], 1.0)], tiny.tokenizer)
+    assert blocks[0].license == "LicenseRef-Proprietary" and blocks[0].snippet
+    assert ric.optout(doc_ids=["planted"]) > 0
+    again = RicLM.load(ric.folder, tiny.tokenizer)
+    r2 = again.evaluate(tiny.model, tiny.tokenizer, ids, cfg)
+    assert all(again.docs[again.block_doc[b]].id != "planted" for bl in r2.retrieved for b in bl)
+
+
+def test_budget_and_tokenizer_checked(ric, tiny):
+    with pytest.raises(ConfigError, match="exceeds"):
+        RicLMConfig(block_tokens=200, n_blocks=1, window=64, stride=32).validate(256)
+    from lmlab.lm.tokenizer import train_bpe
+
+    with pytest.raises(ManifestMismatchError):
+        RicLM.load(ric.folder, train_bpe(["some text here"] * 10, vocab_size=280))

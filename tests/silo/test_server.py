@@ -1,0 +1,95 @@
+"""The SILO service on a real loopback port: generate with attribution, score, opt-out auth + audit, errors, load."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from lmlab.lm.server import serve_in_thread
+from lmlab.silo import Datastore, KnnLMConfig
+from lmlab.silo.server import SiloService, create_app
+
+torch.set_num_threads(1)
+TOKEN = "s3cret-admin"
+
+
+@pytest.fixture()
+def served(store, tiny, tmp_path):
+    service = SiloService(tiny, store, KnnLMConfig(k=16, lmbda=0.5), audit_log=tmp_path / "audit.jsonl")
+    with serve_in_thread(create_app(service, admin_token=TOKEN)) as url:
+        yield url, service
+
+
+def test_generate_score_stats(served, planted_text):
+    url, service = served
+    r = httpx.post(f"{url}/generate", json={"prompt": planted_text[:30], "max_tokens": 6, "top": 2}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["tokens"]) == 6 and body["text"]
+    nb = body["tokens"][0]["neighbours"]
+    assert nb and {"doc_id", "source", "license", "license_class", "offset", "snippet", "share"} <= set(nb[0])
+    s = httpx.post(f"{url}/score", json={"text": planted_text, "attribute": True}, timeout=60).json()
+    assert s["ppl"] < s["ppl_lm"] and len(s["tokens"]) == s["tokens_scored"]
+    st = httpx.get(f"{url}/datastore").json()
+    assert st["entries"] == service.datastore.n_entries and st["live_entries"] == st["entries"]
+    assert httpx.get(f"{url[:-3]}/openapi.json").json()["paths"].keys() >= {"/v1/generate", "/v1/optout"}
+
+
+def test_invalid_requests_get_4xx_with_a_message(served):
+    url, _ = served
+    cases = [("/generate", {"prompt": "x", "max_tokens": 0}, 422, "max_tokens"),
+             ("/generate", {"max_tokens": 3}, 422, "prompt"),
+             ("/generate", {"prompt": "x", "lmbda": 2}, 422, "lmbda"),
+             ("/generate", {"prompt": "x" * 300, "max_tokens": 10}, 400, "positions"),
+             ("/score", {"text": ""}, 422, "text"),
+             ("/score", {"text": "a"}, 400, "2 tokens"),
+             ("/optout", {}, 422, "doc_ids")]
+    for path, body, status, words in cases:
+        r = httpx.post(f"{url}{path}", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+        assert r.status_code == status, (path, body, r.text)
+        assert words in r.json()["error"]["message"]
+
+
+def test_optout_needs_the_token_is_audited_and_persists(served, tiny, planted_text):
+    url, service = served
+    body = {"doc_ids": ["planted"], "reason": "owner request"}
+    assert httpx.post(f"{url}/optout", json=body).status_code == 401
+    assert httpx.post(f"{url}/optout", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    r = httpx.post(f"{url}/optout", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200 and r.json()["documents"] == 1
+    r = httpx.post(f"{url}/optout", json={"doc_ids": ["nope"]}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 404 and "no datastore document" in r.json()["error"]["message"]
+    log = [json.loads(line) for line in service.audit_log.read_text().splitlines()]
+    assert [e["outcome"] for e in log] == ["unauthorized", "unauthorized", "removed", "rejected"]
+    assert log[2]["request"]["reason"] == "owner request" and log[2]["client"] == "127.0.0.1"
+    s = httpx.post(f"{url}/score", json={"text": planted_text, "attribute": True}, timeout=60).json()
+    assert all(n["doc_id"] != "planted" for t in s["tokens"] for n in t["neighbours"])
+    assert Datastore.load(service.datastore.folder, tiny).removed_docs.sum() == 1  # survives a restart
+
+
+def test_optout_disabled_without_a_token(store, tiny, tmp_path, monkeypatch):
+    monkeypatch.delenv("LMLAB_SILO_ADMIN_TOKEN", raising=False)
+    service = SiloService(tiny, store, audit_log=tmp_path / "a.jsonl")
+    with serve_in_thread(create_app(service)) as url:
+        r = httpx.post(f"{url}/optout", json={"doc_ids": ["planted"]}, headers={"Authorization": "Bearer x"})
+    assert r.status_code == 403 and "LMLAB_SILO_ADMIN_TOKEN" in r.json()["error"]["message"]
+
+
+def test_fifty_concurrent_requests(served, docs):
+    url, service = served
+    prompts = [d.text[:12] for d in docs]
+    with httpx.Client(timeout=120) as c:
+        want = {p: c.post(f"{url}/generate", json={"prompt": p, "max_tokens": 4}).json()["text"] for p in prompts}
+
+    def call(i):
+        p = prompts[i % len(prompts)]
+        if i % 5 == 4:
+            return "stats", httpx.get(f"{url}/datastore", timeout=120).json()["entries"]
+        return p, httpx.post(f"{url}/generate", json={"prompt": p, "max_tokens": 4}, timeout=120).json()["text"]
+
+    with ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(call, range(50)))
+    for key, value in results:
+        assert value == (service.datastore.n_entries if key == "stats" else want[key])
