@@ -102,7 +102,7 @@ def train_cmd(model_spec, tok_dir, data_dir, out, threads, no_resume, **cfg):
 
     from lmlab.errors import ConfigError
     from lmlab.lm import data, models, tokenizer
-    from lmlab.lm.train import TrainConfig, Trainer, latest_checkpoint
+    from lmlab.lm.train import TrainConfig, Trainer, latest_checkpoint, shutdown_distributed
 
     if threads:
         torch.set_num_threads(threads)
@@ -116,7 +116,10 @@ def train_cmd(model_spec, tok_dir, data_dir, out, threads, no_resume, **cfg):
                       validation=validation, resume=True)
     if trainer.step and trainer.dist.is_main:
         click.echo(f"resuming {out} from step {trainer.step}")
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        shutdown_distributed()
     if trainer.dist.is_main:
         ppl = f", validation ppl {result.eval_ppl:.2f}" if result.eval_ppl else ""
         click.echo(f"step {result.step}: train loss {result.train_loss:.4f}{ppl}; model in {Path(out) / 'model'}")

@@ -129,6 +129,18 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly (a barrier, then destroy), so no rank exits while a peer still talks.
+
+    Without this, a rank that exits first can make gloo abort its peer (SIGABRT) during interpreter shutdown.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     """The highest-step complete checkpoint (one with a manifest) under ``out_dir/checkpoints``."""
     root = Path(out_dir) / "checkpoints"
