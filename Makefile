@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/moe.py
 	$(BIN)/python benchmarks/pregated.py
 	$(BIN)/python benchmarks/silo.py
+	$(BIN)/python benchmarks/tools.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(wildcard src tests benchmarks recipes scripts)

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "corpus": ("lmlab.corpus.cli:corpus_group", "Licensed corpora: harvest, store, stats, split (SPDX licences)."),
     "silo": ("lmlab.silo.cli:silo_group", "SILO: datastore, kNN-LM, RIC-LM, attribution, opt-out, server."),
     "moe": ("lmlab.moe.cli:moe_group", "Mixtures of experts: Soft MoE, token/expert choice, EWA, ViT training."),
+    "tools": ("lmlab.tools.cli:tools_group", "Tool use: API catalogues, retrieval, tool-documentation prompting."),
 }
 
 

@@ -1,0 +1,90 @@
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lmlab.errors import DataError
+from lmlab.tools.catalog import Tool, load_catalog, save_catalog
+from lmlab.tools.discovery import ingest_discovery
+from lmlab.tools.manpages import ingest_manpages
+from lmlab.tools.openapi import ingest_openapi
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+def test_discovery_minimal():
+    tools = {t.name: t for t in ingest_discovery(FIX / "discovery_minimal.json")}
+    assert set(tools) == {"widgets.projects.widgets.insert", "widgets.projects.widgets.list"}
+    ins = tools["widgets.projects.widgets.insert"]
+    assert ins.usage == "POST https://widgets.example.com/v1/projects/{project}/widgets"
+    assert [p.name for p in ins.parameters] == ["project", "color", "body"]  # API-wide "alt" left out
+    assert ins.parameter("project").required and ins.parameter("project").kind == "path"
+    assert ins.parameter("color").enum == ("RED", "BLUE") and ins.returns == "Operation"
+    assert ins.summary == "Creates a widget"
+
+
+def test_openapi_minimal():
+    tools = {t.name: t for t in ingest_openapi(FIX / "openapi_minimal.json")}
+    assert set(tools) == {"getPet", "DELETE /pets/{petId}", "createPet"}
+    get = tools["getPet"]
+    assert get.parameter("petId").required and get.parameter("petId").type == "integer"  # $ref resolved
+    assert get.returns == "The pet" and get.license == "MIT"
+    delete = tools["DELETE /pets/{petId}"]
+    assert {p.name for p in delete.parameters} == {"petId", "force"}  # path-level + operation-level
+    create = tools["createPet"]
+    assert create.parameter("body").required and "Pet" in create.parameter("body").description
+    assert create.parameter("kind").enum == ("cat", "dog")
+
+
+def test_openapi_rejects_swagger(tmp_path):
+    p = tmp_path / "s.json"
+    p.write_text(json.dumps({"swagger": "2.0", "paths": {}}))
+    with pytest.raises(DataError, match="OpenAPI 3"):
+        ingest_openapi(p)
+
+
+def test_catalog_roundtrip_and_checksum(tmp_path):
+    tools = ingest_manpages(FIX)
+    out = tmp_path / "cat"
+    save_catalog(tools, out, info={"source": "test"})
+    cat = load_catalog(out)
+    assert len(cat) == 3 and cat["gcloud demo widgets create"] == next(t for t in tools if t.name.endswith("create"))
+    with pytest.raises(DataError, match="similar"):
+        cat["gcloud demo widgets"]
+    (out / "tools.jsonl").write_text((out / "tools.jsonl").read_text().replace("widget", "gizmo"))
+    with pytest.raises(DataError, match="checksum|size"):
+        load_catalog(out)
+
+
+def test_duplicate_names_refused(tmp_path):
+    with pytest.raises(DataError, match="unique"):
+        save_catalog([Tool("a", ""), Tool("a", "")], tmp_path / "c", info={})
+
+
+def test_cli_ingest_show_retrieve_validate(tmp_path):
+    from lmlab.cli import cli
+
+    out = tmp_path / "cat"
+    r = CliRunner().invoke(cli, ["tools", "ingest", "manpages", str(FIX), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "3 tools" in r.output
+    r = CliRunner().invoke(cli, ["tools", "show", str(out), "gcloud demo gadgets delete"])
+    assert r.exit_code == 0 and "--force" in r.output and "delete a gadget permanently" in r.output
+    r = CliRunner().invoke(cli, ["tools", "retrieve", str(out), "remove a gadget permanently", "-k", "1"])
+    assert r.exit_code == 0 and "gcloud demo gadgets delete" in r.output
+    r = CliRunner().invoke(cli, ["tools", "validate", str(out), "gcloud demo gadgets delete g1 --forse"])
+    assert r.exit_code == 1 and "did you mean --force" in r.output
+
+
+def test_cli_prompt_prints_budgeted_prompt(tmp_path):
+    from lmlab.cli import cli
+
+    out = tmp_path / "cat"
+    assert CliRunner().invoke(cli, ["tools", "ingest", "manpages", str(FIX), "--out", str(out)]).exit_code == 0
+    r = CliRunner().invoke(cli, ["tools", "prompt", str(out), "delete the gadget g1", "--n-docs", "1",
+                                 "--budget", "200"])
+    assert r.exit_code == 0, r.output
+    assert "## gcloud demo gadgets delete" in r.output and "Request: delete the gadget g1" in r.output
+    tokens = int(r.output.strip().splitlines()[-1].split()[1])
+    assert tokens <= 200

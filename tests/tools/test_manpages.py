@@ -1,0 +1,76 @@
+from pathlib import Path
+
+import pytest
+
+from lmlab.errors import DataError
+from lmlab.tools.manpages import clean_request, ingest_manpages, page_to_tool, parse_manpage, read_manpage, unescape
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def widget():
+    return page_to_tool(read_manpage(FIX / "gcloud_demo_widgets_create.1"))
+
+
+def test_unescape_characters_and_fonts():
+    assert unescape(r"\fB\-\-zone\fR=\fIZONE\fR \e \(em \'x'") == "--zone=ZONE \\ \u2014 'x'"
+
+
+def test_sections_name_and_summary():
+    page = read_manpage(FIX / "gcloud_demo_widgets_create.1")
+    assert page.name == "gcloud demo widgets create"
+    assert page.summary == "create a demo widget"
+    assert {"NAME", "SYNOPSIS", "DESCRIPTION", "EXAMPLES", "REQUIRED FLAGS", "OPTIONAL FLAGS"} <= set(page.sections)
+    assert page.sections["DESCRIPTION"].startswith("gcloud demo widgets create creates demo widgets.")
+
+
+def test_flag_list_with_groups_and_nested_items(widget):
+    flags = {p.name: p for p in widget.parameters if p.kind == "flag"}
+    assert set(flags) == {"--zone", "--async", "--color", "--labels", "--shiny", "--size", "--source-image",
+                          "--source-snapshot"}
+    assert "nested" not in flags and "--no-size" not in flags  # sub-items and "--no-" spellings fold in
+    assert flags["--zone"].required and flags["--zone"].aliases == ("-z",) and flags["--zone"].metavar == "ZONE"
+    assert not flags["--color"].required and flags["--color"].enum == ("red", "green", "blue")
+    assert flags["--async"].type == "boolean" and flags["--labels"].type == "array"
+    assert "--no-shiny" in flags["--shiny"].aliases and "--no-size" in flags["--size"].aliases
+    assert flags["--labels"].description.startswith("List of label KEY=VALUE pairs to add.")
+    assert widget.one_of_required == (("--source-image", "--source-snapshot"),)
+
+
+def test_positionals(widget):
+    (pos,) = [p for p in widget.parameters if p.kind == "positional"]
+    assert pos.name == "WIDGET_NAMES" and pos.required and pos.repeated
+    assert pos.description == "Names of the widgets to create."
+
+
+def test_examples_with_continuations(widget):
+    assert [e.request for e in widget.examples] == [
+        "Create a widget called 'example-widget' in zone 'us-central1-a'", "Create two red widgets"]
+    first = widget.examples[0].call
+    assert first.startswith("gcloud demo widgets create example-widget \\\n") and "--source-image=" in first
+    # the block with two commands is skipped; the stray paragraph is not taken as a request
+    assert all("wc" not in e.call for e in widget.examples)
+
+
+def test_multiline_quoted_example_kept_whole():
+    tool = page_to_tool(read_manpage(FIX / "gcloud_demo_widgets_list.1"))
+    (ex,) = tool.examples
+    assert ex.call.endswith('zone)"') and "--filter=" in ex.call
+
+
+def test_clean_request():
+    assert clean_request("To create an instance, run:") == "Create an instance"
+    assert clean_request("To list things, use the following command:") == "List things"
+
+
+def test_ingest_filters_tracks_and_groups():
+    names = {t.name for t in ingest_manpages(FIX)}
+    assert names == {"gcloud demo widgets create", "gcloud demo widgets list", "gcloud demo gadgets delete"}
+    with_beta = {t.name for t in ingest_manpages(FIX, tracks=("ga", "beta"), include_groups=True)}
+    assert {"gcloud beta demo gadgets delete", "gcloud demo"} <= with_beta
+
+
+def test_not_a_man_page():
+    with pytest.raises(DataError):
+        parse_manpage("hello\nworld\n")

