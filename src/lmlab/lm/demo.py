@@ -1,7 +1,8 @@
 """The substrate's end-to-end demo (`lmlab lm demo`): text found on this machine -> tokenizer -> tiny LM.
 
 1. Collect documentation text installed on this machine (``/usr/share/doc``: READMEs, guides, ``.md``,
-   ``.txt``, ``.rst``; changelogs, copyright files and non-prose files skipped), capped at ``max_mb``.
+   ``.txt``, ``.rst``; changelogs, copyright files, tables and non-prose files skipped; at most 200k
+   characters a file), capped at ``max_mb``.
 2. Train a byte-level BPE tokenizer on it, tokenize into train/validation shards.
 3. Measure validation perplexity of a randomly initialised ``tiny:7m`` Llama, train it for ``steps``
    steps (about 2 minutes on 2 cores at the defaults), measure again, and sample from it.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -40,10 +42,22 @@ class DemoConfig:
     seed: int = 0
 
 
+MAX_FILE_CHARS = 200_000  # no single file may dominate the demo's few MB (the DejaVu status table is 1.5 MB)
+_CONTROL = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")  # ANSI escapes, control characters
+_BLANK_RUNS = re.compile(r"\n\s*\n(\s*\n)+")  # three or more line breaks -> one blank line
+_TABLE_LINE = re.compile(r"\S {4,}\S|U\+[0-9A-F]{4}|[│┃|]")
+
+
 def _prose_ratio(text: str) -> float:
     """Share of letters, spaces and common punctuation: a cheap filter for prose."""
     prose = sum(c.isalpha() or c in " .,;:'\"()-\n" for c in text)
     return prose / max(1, len(text))
+
+
+def _table_ratio(text: str) -> float:
+    """Share of non-empty lines that look like table rows (aligned columns, code points, box drawing)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return sum(bool(_TABLE_LINE.search(line)) for line in lines) / max(1, len(lines))
 
 
 def machine_texts(root: str | Path = DOC_ROOT, *, max_bytes: int) -> Iterator[str]:
@@ -64,8 +78,9 @@ def machine_texts(root: str | Path = DOC_ROOT, *, max_bytes: int) -> Iterator[st
             text = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError, EOFError):
             continue
-        if len(text) < 200 or _prose_ratio(text) < 0.75:  # skip tables, code charts, ASCII art
+        if len(text) < 200 or _prose_ratio(text) < 0.75 or _table_ratio(text) > 0.3:  # tables, charts, ASCII art
             continue
+        text = _BLANK_RUNS.sub("\n\n", _CONTROL.sub("", text[:MAX_FILE_CHARS]))
         total += len(raw)
         yield text
         if total >= max_bytes:
