@@ -29,7 +29,6 @@ import argparse
 import os
 import platform
 import random
-import tempfile
 import time
 from pathlib import Path
 
@@ -95,19 +94,14 @@ def main() -> None:
 
     from lmlab.io import write_json_atomic
     from lmlab.lm.backends import get_backend
-    from lmlab.tools.catalog import load_catalog, save_catalog
     from lmlab.tools.cloud_cli import build_benchmark, validate
-    from lmlab.tools.manpages import ingest_manpages
+    from lmlab.tools.manpages import manpage_catalog
     from lmlab.tools.prompting import DemoPool, PromptConfig, evaluate_prompting
     from lmlab.tools.retrieve import BM25Retriever
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    if args.catalog:
-        cat = load_catalog(args.catalog)
-    else:
-        folder = Path(tempfile.mkdtemp(prefix="lmlab-gcloud-")) / "catalog"
-        cat = save_catalog(ingest_manpages([args.man]), folder, info={"source": "manpages", "inputs": [args.man]})
+    cat = manpage_catalog(args.man, catalog=args.catalog)
     bench = build_benchmark(cat)
     gold_valid = sum(validate(e.command, cat).ok for e in bench.examples) / len(bench.examples)
     test = bench.split("test")

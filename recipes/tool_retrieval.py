@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,9 +45,8 @@ def main() -> None:
     import torch
 
     from lmlab.io import write_json_atomic
-    from lmlab.tools.catalog import load_catalog, save_catalog
     from lmlab.tools.cloud_cli import build_benchmark
-    from lmlab.tools.manpages import ingest_manpages
+    from lmlab.tools.manpages import manpage_catalog
     from lmlab.tools.retrieve import (
         BM25Retriever,
         DenseConfig,
@@ -62,11 +60,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    if args.catalog:
-        cat = load_catalog(args.catalog)
-    else:
-        folder = Path(tempfile.mkdtemp(prefix="lmlab-gcloud-")) / "catalog"
-        cat = save_catalog(ingest_manpages([args.man]), folder, info={"source": "manpages", "inputs": [args.man]})
+    cat = manpage_catalog(args.man, catalog=args.catalog)
     bench = build_benchmark(cat)
     splits = {s: bench.split(s) for s in ("train", "val", "test")}
     print(f"catalogue: {len(cat)} commands; benchmark: {bench.stats()}")

@@ -88,3 +88,14 @@ def test_cli_prompt_prints_budgeted_prompt(tmp_path):
     assert "## gcloud demo gadgets delete" in r.output and "Request: delete the gadget g1" in r.output
     tokens = int(r.output.strip().splitlines()[-1].split()[1])
     assert tokens <= 200
+
+
+def test_manpage_catalog_ingests_or_reuses(tmp_path):
+    from lmlab.tools.manpages import manpage_catalog
+
+    fresh = manpage_catalog(FIX)
+    names = sorted(t.name for t in fresh)
+    assert names and all(n.startswith("gcloud demo") for n in names)
+    saved = save_catalog(ingest_manpages(FIX), tmp_path / "cat", info={"source": "test"})
+    assert sorted(t.name for t in manpage_catalog("/no/such/man", catalog=tmp_path / "cat")) == \
+        sorted(t.name for t in saved)

@@ -586,3 +586,18 @@ def ingest_manpages(paths, *, tracks: tuple[str, ...] = ("ga",), include_groups:
             continue
         tools.append(tool)
     return tools
+
+
+def manpage_catalog(man: str | Path, *, catalog: str | Path | None = None):
+    """The catalogue at ``catalog`` if given, else the man pages under ``man`` ingested into a temporary folder.
+
+    What the tool-use recipes start from; pass ``catalog`` to reuse an `lmlab tools ingest` folder.
+    """
+    import tempfile
+
+    from lmlab.tools.catalog import load_catalog, save_catalog
+
+    if catalog:
+        return load_catalog(catalog)
+    folder = Path(tempfile.mkdtemp(prefix="lmlab-gcloud-")) / "catalog"
+    return save_catalog(ingest_manpages([man]), folder, info={"source": "manpages", "inputs": [str(man)]})

@@ -310,12 +310,16 @@ class OffloadEngine:
             finally:
                 self.pool.ready[slot].set()
 
+    def _load_async(self, slot: int, key: tuple[int, int]) -> None:
+        """Queue a copy on the asynchronous (CUDA) tier; the slot is ready when its event fires."""
+        self.pool.cuda_ready[slot] = self.tier.load(self.store, *key, self.pool.tensors(slot),
+                                                    after=self.pool.cuda_free[slot])
+        self.bytes_moved += self.store.expert_bytes
+
     def _load_now(self, slot: int, key: tuple[int, int]) -> None:
         self.loads += 1
         if self.tier.asynchronous:
-            self.pool.cuda_ready[slot] = self.tier.load(self.store, *key, self.pool.tensors(slot),
-                                                        after=self.pool.cuda_free[slot])
-            self.bytes_moved += self.store.expert_bytes
+            self._load_async(slot, key)
         else:
             self.pool.ready_at[slot] = self.tier.reserve(self.store.expert_bytes)
             n = self.tier.load(self.store, *key, self.pool.tensors(slot))
@@ -336,9 +340,7 @@ class OffloadEngine:
                 self.prefetches += 1
                 self.loads += 1
                 if self.tier.asynchronous:
-                    self.pool.cuda_ready[slot] = self.tier.load(self.store, *key, self.pool.tensors(slot),
-                                                                after=self.pool.cuda_free[slot])
-                    self.bytes_moved += self.store.expert_bytes
+                    self._load_async(slot, key)
                 else:
                     self.pool.ready_at[slot] = self.tier.reserve(self.store.expert_bytes)  # issued now
                     jobs.append((slot, key))
