@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lmlab lm demo
+	$(BIN)/lmlab silo demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

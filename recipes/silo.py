@@ -36,7 +36,6 @@ summary of an existing results file from its recorded numbers.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import platform
 import shutil
@@ -48,8 +47,6 @@ import torch
 
 from lmlab.io import write_json_atomic
 
-PERMISSIVE = ("public_domain", "permissive_sw")
-RESTRICTED = ("copyleft", "noncommercial", "unknown")
 PAPER = {"gap_closed_knn": "up to 90% (abstract; Fig. 2 / Table 3: kNN-LM closes most of the PD/SW-to-Pythia gap "
                            "out of domain)", "ric_vs_knn": "RIC-LM helps but less than kNN-LM (Sec. 5.1)",
          "size": "kNN-LM perplexity keeps falling as the datastore grows (Fig. 3)"}
@@ -57,72 +54,6 @@ PAPER = {"gap_closed_knn": "up to 90% (abstract; Fig. 2 / Table 3: kNN-LM closes
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def order_key(seed: int, doc_id: str) -> str:
-    return hashlib.blake2b(f"{seed}\0{doc_id}".encode(), digest_size=8).hexdigest()
-
-
-def take(corpus, classes, max_mb: float, seed: int) -> list:
-    """Documents of the given classes in a seeded order, up to ``max_mb`` of text (whole documents)."""
-    docs = sorted(corpus.filter(license_classes=list(classes)), key=lambda d: order_key(seed, d.id))
-    out, total = [], 0
-    for d in docs:
-        if total >= max_mb * 1e6:
-            break
-        out.append(d)
-        total += len(d.text.encode())
-    return out
-
-
-def ids_of(tok, docs, max_tokens: int) -> list[int]:
-    ids: list[int] = []
-    for d in docs:
-        if ids:
-            ids.append(tok.eos_token_id)
-        ids.extend(tok(d.text, add_special_tokens=False)["input_ids"])
-        if len(ids) >= max_tokens:
-            break
-    return ids[:max_tokens]
-
-
-def prepare_corpus(args) -> Path:
-    from lmlab.corpus import SplitConfig, build_corpus, split_corpus
-    from lmlab.corpus.build import BuildConfig
-
-    work = Path(args.work)
-    corpus = Path(args.corpus) if args.corpus else work / "corpus"
-    if not args.corpus and not (corpus / "manifest.json").is_file():
-        log(f"building a corpus from {args.from_specs} into {corpus} (resumable)")
-        build_corpus(args.from_specs, corpus, config=BuildConfig(max_mb_per_source=args.max_mb_per_source,
-                                                                 workers=args.workers),
-                     command="recipes/silo.py")
-    split = work / f"split-seed{args.seed}"
-    if not (split / "test" / "manifest.json").is_file():
-        log("splitting by source group, stratified by licence class")
-        split_corpus(corpus, split, config=SplitConfig(by="license_class", fractions=(0.8, 0.1, 0.1), seed=args.seed))
-    return split
-
-
-def train_lm(name: str, texts: list[str], tok, args) -> Path:
-    from lmlab.lm import data, models
-    from lmlab.lm.train import TrainConfig, Trainer
-
-    out = Path(args.work) / name
-    if (out / "run" / "model" / "config.json").is_file():
-        return out / "run" / "model"
-    shards = out / "tokens"
-    if not (shards / "validation" / "manifest.json").is_file():
-        data.build_token_shards(texts, tok, shards, validation_fraction=0.02, source=name)
-    train, val = data.TokenShards(shards / "train"), data.TokenShards(shards / "validation")
-    log(f"{name}: {train.n_tokens:,} training tokens; {args.steps} steps x {args.batch_size} x {args.seq_len}")
-    loaded = models.load(f"tiny:{args.preset}", tokenizer=tok, seed=args.seed)
-    cfg = TrainConfig(seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps, lr=args.lr,
-                      min_lr=args.lr / 10, warmup_steps=max(1, args.steps // 20), eval_every=0,
-                      save_every=max(1, args.steps // 4), log_every=max(1, args.steps // 20), seed=args.seed)
-    trainer = Trainer(loaded.model, tok, train, cfg, out / "run", validation=val, progress=False, device=args.device)
-    trainer.fit()
-    return trainer.export()
 
 
 def make_summary(table: dict, gaps: dict, smol: dict | None, command: str) -> dict:
@@ -157,44 +88,40 @@ def make_summary(table: dict, gaps: dict, smol: dict | None, command: str) -> di
     return summary
 
 
-def ppl_lm(model, ids, window, stride) -> float:
-    from lmlab.lm.score import perplexity
-
-    return perplexity(model, ids, window=window, stride=stride).ppl
-
-
 def main(argv=None) -> int:
+    from lmlab.silo.experiment import ExperimentConfig
+
+    d = ExperimentConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--work", default="/tmp/lmlab-silo", help="working folder (corpus, models, datastores; resumable)")
     p.add_argument("--corpus", default=None, help="an existing lmlab corpus folder (default: build one)")
     p.add_argument("--from", dest="from_specs", action="append", default=None,
                    help="corpus build specs when --corpus is not given (default: debian)")
-    p.add_argument("--max-mb-per-source", type=float, default=1.0, help="corpus cap per package/group")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--permissive-mb", type=float, default=4.0, help="permissive training text")
-    p.add_argument("--restricted-mb", type=float, default=2.0, help="restricted text (reference LM + datastore)")
+    p.add_argument("--max-mb-per-source", type=float, default=d.max_mb_per_source, help="corpus cap per package")
+    p.add_argument("--permissive-mb", type=float, default=d.permissive_mb, help="permissive training text")
+    p.add_argument("--restricted-mb", type=float, default=d.restricted_mb,
+                   help="restricted text (reference LM + datastore)")
     p.add_argument("--attribution", action="store_true", help="count CC-BY-style 'attribution' as permissive")
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--preset", default="small", help="tiny:<preset> architecture of both LMs")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--window", type=int, default=256, help="evaluation / datastore window (stride = window / 2)")
-    p.add_argument("--eval-tokens", type=int, default=20000, help="validation and test tokens per domain")
-    p.add_argument("--factory", default="IVF1024,Flat",
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size)
+    p.add_argument("--preset", default=d.preset, help="tiny:<preset> architecture of both LMs")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--sequential", action="store_true", help="train the two LMs one after the other")
+    p.add_argument("--window", type=int, default=d.window, help="evaluation / datastore window (stride = window / 2)")
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="validation and test tokens per domain")
+    p.add_argument("--factory", default=d.factory,
                    help="faiss index of the datastore (IVF,Flat: exact distances of the probed lists, nprobe 8)")
-    p.add_argument("--train-size", type=int, default=65536, help="vectors to train the IVF quantizer")
-    p.add_argument("--k-grid", default="16,64,256,1024,2048,4096")
+    p.add_argument("--train-size", type=int, default=d.train_size, help="vectors to train the IVF quantizer")
+    p.add_argument("--k-grid", default=",".join(map(str, d.k_grid)))
     p.add_argument("--sizes", default="0.1,0.25,0.5,1.0", help="datastore fractions for the size curve")
-    p.add_argument("--ric-block-tokens", type=int, default=256, help="RIC-LM block (silo-lm: = window)")
+    p.add_argument("--ric-block-tokens", type=int, default=d.ric_block_tokens, help="RIC-LM block (tokens)")
     p.add_argument("--smollm2-datastore-tokens", type=int, default=60000)
     p.add_argument("--smollm2-eval-tokens", type=int, default=4000)
     p.add_argument("--skip-smollm2", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--train-only", choices=("permissive", "reference"), default=None,
-                   help="train just this LM and exit (run both at once in two processes, then the full recipe)")
     p.add_argument("--resummarize", action="store_true",
                    help="only recompute the summary of an existing --out from its recorded numbers")
     p.add_argument("--seed", type=int, default=0)
@@ -216,90 +143,32 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     t0 = time.time()
 
-    from lmlab.corpus import Corpus
-    from lmlab.lm import models, tokenizer
-    from lmlab.silo import Datastore, DatastoreConfig, KnnLM, KnnLMConfig, build_datastore
-    from lmlab.silo.knn_lm import LMBDA_GRID, TEMPERATURE_GRID
-    from lmlab.silo.ric_lm import RicLM, RicLMConfig
+    from lmlab.errors import LmlabError
+    from lmlab.lm import models
+    from lmlab.silo import Datastore, DatastoreConfig, build_datastore
+    from lmlab.silo.experiment import SiloExperiment, format_table, ids_of
 
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    split = prepare_corpus(args)
-    train, val, test = (Corpus(split / s) for s in ("train", "validation", "test"))
-    perm_classes = PERMISSIVE + (("attribution",) if args.attribution else ())
-    perm_train = take(train, perm_classes, args.permissive_mb, args.seed)
-    restr_train = take(train, RESTRICTED, args.restricted_mb, args.seed)
-    restr_val = take(val, RESTRICTED, 50, args.seed)
-    restr_test, perm_test = take(test, RESTRICTED, 50, args.seed), take(test, perm_classes, 50, args.seed)
-    for name, docs in (("permissive train", perm_train), ("restricted train", restr_train),
-                       ("restricted validation", restr_val), ("restricted test", restr_test),
-                       ("permissive test", perm_test)):
-        if not docs:
-            print(f"error: no {name} documents in {split}: give a bigger corpus", file=sys.stderr)
-            return 2
-    sizes_mb = {n: sum(len(d.text.encode()) for d in docs) / 1e6 for n, docs in
-                (("permissive_train", perm_train), ("restricted_train", restr_train))}
-    log(f"pools: {sizes_mb}")
-
-    tok_dir = work / "tokenizer"
-    if not (tok_dir / "tokenizer.json").is_file():
-        log("training the BPE tokenizer on permissive training text only")
-        tokenizer.train_bpe([d.text for d in perm_train], vocab_size=args.vocab_size, out_dir=tok_dir)
-    tok = tokenizer.load(tok_dir)
-    ref_texts = [d.text for d in sorted(perm_train + restr_train, key=lambda d: order_key(args.seed, d.id))]
-    if args.train_only:
-        name, texts = ("lm-permissive", [d.text for d in perm_train]) if args.train_only == "permissive" else \
-            ("lm-reference", ref_texts)
-        log(f"trained {train_lm(name, texts, tok, args)}")
-        return 0
-    param_dir = train_lm("lm-permissive", [d.text for d in perm_train], tok, args)
-    ref_dir = train_lm("lm-reference", ref_texts, tok, args)
-    param, ref = models.load(str(param_dir), device=args.device), models.load(str(ref_dir), device=args.device)
-    W, S = args.window, args.window // 2  # noqa: N806
-
-    ds_cfg = DatastoreConfig(window=W, stride=S, batch_size=8, docs_per_chunk=16, factory=args.factory,
-                             train_size=args.train_size)
+    cfg = ExperimentConfig(
+        work=args.work, corpus=args.corpus, from_specs=tuple(args.from_specs),
+        max_mb_per_source=args.max_mb_per_source, permissive_mb=args.permissive_mb,
+        restricted_mb=args.restricted_mb, attribution=args.attribution, vocab_size=args.vocab_size,
+        preset=args.preset, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+        parallel=not args.sequential, window=args.window, eval_tokens=args.eval_tokens, factory=args.factory,
+        train_size=args.train_size, k_grid=tuple(int(k) for k in args.k_grid.split(",")),
+        ric_block_tokens=args.ric_block_tokens, seed=args.seed, device=args.device)
+    exp = SiloExperiment(cfg, echo=log)
+    try:
+        exp.prepare()
+        exp.train_lms()
+        ds = exp.build_datastore()
+        res = exp.evaluate()
+    except LmlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    table, gaps = exp.table, exp.gaps
+    print(format_table(table, gaps), flush=True)
+    work, param, restr_train = exp.work, exp.param, exp.pools["restricted_train"]
     ds_dir = work / "datastore"
-    if (ds_dir / "manifest.json").is_file():
-        ds = Datastore.load(ds_dir, param)
-    else:
-        log(f"datastore: encoding {len(restr_train)} restricted documents with the parametric LM")
-        t = time.time()
-        ds = build_datastore(restr_train, param, ds_dir, ds_cfg)
-        log(f"datastore: {ds.n_entries:,} entries in {time.time() - t:.0f} s")
-    val_ids = ids_of(tok, restr_val, args.eval_tokens)
-    test_ids = {"restricted": ids_of(tok, restr_test, args.eval_tokens),
-                "permissive": ids_of(tok, perm_test, args.eval_tokens)}
-    k_grid = tuple(int(k) for k in args.k_grid.split(","))
-
-    def tune_and_test(store, model_loaded):
-        knn = KnnLM(model_loaded, store, KnnLMConfig())
-        tr = knn.tune(val_ids, k_grid=k_grid, temperature_grid=TEMPERATURE_GRID, lmbda_grid=LMBDA_GRID)
-        best = knn.with_config(k=tr.best.k, temperature=tr.best.temperature, lmbda=tr.best.lmbda)
-        return tr, {dom: best.evaluate(ids) for dom, ids in test_ids.items()}
-
-    log("kNN-LM: tuning on restricted validation, testing on restricted and permissive test")
-    t = time.time()
-    tr, knn_res = tune_and_test(ds, param)
-    knn_seconds = time.time() - t
-    log(f"kNN-LM best {tr.best} (val ppl {tr.best_ppl:.2f} vs LM {tr.ppl_lm:.2f}) in {knn_seconds:.0f} s")
-
-    ric_dir = work / "ric"
-    ric = RicLM.load(ric_dir, tok) if (ric_dir / "manifest.json").is_file() else \
-        RicLM.build(restr_train, tok, ric_dir, block_tokens=args.ric_block_tokens)
-    ric_cfg = RicLMConfig(block_tokens=args.ric_block_tokens, n_blocks=1, window=W, stride=S)
-    ric_res = {dom: ric.evaluate(param.model, tok, ids, ric_cfg).ppl for dom, ids in test_ids.items()}
-    ref_res = {dom: ppl_lm(ref.model, ids, W, S) for dom, ids in test_ids.items()}
-    table = {dom: {"parametric": knn_res[dom].ppl_lm, "ric_lm": ric_res[dom], "knn_lm": knn_res[dom].ppl,
-                   "reference": ref_res[dom]} for dom in test_ids}
-    for dom, row in table.items():
-        log(f"{dom:10s} test ppl: " + "  ".join(f"{k} {v:.2f}" for k, v in row.items()))
-
-    def gap(row, key):
-        den = row["parametric"] - row["reference"]
-        return (row["parametric"] - row[key]) / den if den > 0 else float("nan")
-
-    gaps = {dom: {"knn_lm": gap(row, "knn_lm"), "ric_lm": gap(row, "ric_lm")} for dom, row in table.items()}
 
     # perplexity vs datastore size: copies of the datastore with the documents beyond the first fraction opted out
     size_curve = []
@@ -315,10 +184,10 @@ def main(argv=None) -> int:
                 keep = int(torch.searchsorted(doc_tokens, frac * ds.n_entries)) + 1  # documents holding frac of tokens
                 Datastore.load(sub).optout(doc_ids=[d.id for d in ds.docs[keep:]])
             store = Datastore.load(sub, param)
-        str_, res = tune_and_test(store, param)
+        str_, _, sres = exp.tune_and_test(store)
         size_curve.append({"fraction": frac, "live_entries": len(store), "best": vars(str_.best),
-                           "restricted_ppl": res["restricted"].ppl, "permissive_ppl": res["permissive"].ppl})
-        log(f"size {frac:g}: {len(store):,} entries -> restricted test ppl {res['restricted'].ppl:.2f}")
+                           "restricted_ppl": sres["restricted"].ppl, "permissive_ppl": sres["permissive"].ppl})
+        log(f"size {frac:g}: {len(store):,} entries -> restricted test ppl {sres['restricted'].ppl:.2f}")
 
     def finish(smol):
         if args.plot:
@@ -349,16 +218,14 @@ def main(argv=None) -> int:
                                " ".join(sys.argv[1:] if argv is None else argv))
         result = {
             "summary": summary, "paper": PAPER,
-            "config": vars(args), "pools_mb": sizes_mb,
+            "config": vars(args), "pools_mb": exp.pool_mb,
             "environment": {"python": platform.python_version(), "torch": torch.__version__,
                             "machine": platform.machine(), "threads": args.threads, "device": args.device,
                             "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
-            "datastore": ds.stats(), "tuned": {"best": vars(tr.best), "val_ppl_knn": tr.best_ppl,
-                                               "val_ppl_lm": tr.ppl_lm, "grid_points": len(tr.table)},
-            "test_tokens": {dom: len(ids) - 1 for dom, ids in test_ids.items()},
+            "datastore": ds.stats(), "tuned": res["tuned"], "test_tokens": res["test_tokens"],
             "perplexity": table, "gap_closed": gaps, "size_curve": size_curve, "smollm2": smol,
             "per_seed": {str(args.seed): {"perplexity": table, "gap_closed": gaps}},
-            "seconds": time.time() - t0, "knn_tune_and_test_seconds": knn_seconds,
+            "seconds": time.time() - t0, "knn_tune_and_test_seconds": res["knn_tune_and_test_seconds"],
         }
         write_json_atomic(args.out, result)
         log(f"wrote {args.out}: {summary['ours']}")
@@ -381,11 +248,10 @@ def main(argv=None) -> int:
         sds = Datastore.load(sdir, sm) if (sdir / "manifest.json").is_file() else build_datastore(
             docs, sm, sdir, DatastoreConfig(window=sw, stride=sw // 2, batch_size=4, docs_per_chunk=8))
         build_s = time.time() - t
-        sknn = KnnLM(sm, sds, KnnLMConfig())
-        sval = ids_of(stok, restr_val, args.smollm2_eval_tokens)
-        stest = ids_of(stok, restr_test, args.smollm2_eval_tokens)
-        st = sknn.tune(sval, k_grid=k_grid, temperature_grid=TEMPERATURE_GRID, lmbda_grid=LMBDA_GRID)
-        sres = sknn.with_config(k=st.best.k, temperature=st.best.temperature, lmbda=st.best.lmbda).evaluate(stest)
+        sval = ids_of(stok, exp.pools["restricted_validation"], args.smollm2_eval_tokens)
+        stest = ids_of(stok, exp.pools["restricted_test"], args.smollm2_eval_tokens)
+        st, _, sr = exp.tune_and_test(sds, sm, sval, {"restricted": stest})
+        sres = sr["restricted"]
         smol = {"datastore_entries": sds.n_entries, "datastore_documents": len(docs), "build_seconds": build_s,
                 "best": vars(st.best), "val_ppl_lm": st.ppl_lm, "val_ppl_knn": st.best_ppl,
                 "test_tokens": sres.n_tokens, "test_ppl_lm": sres.ppl_lm, "test_ppl_knn": sres.ppl}

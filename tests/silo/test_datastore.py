@@ -182,3 +182,28 @@ def test_bad_shard_and_empty_corpus(tiny, docs, small_config, tmp_path, doc_cls)
         build_datastore([doc_cls("e", "", "s", "MIT", "permissive_sw")], tiny, tmp_path / "e", small_config,
                         progress=False)
     shutil.rmtree(tmp_path / "e.parts", ignore_errors=True)
+
+
+def test_auto_factory_by_size(tiny, docs, small_config, tmp_path):
+    from dataclasses import replace
+
+    from lmlab.silo import build_datastore
+    from lmlab.silo.datastore import auto_factory
+
+    assert auto_factory(1_000, 64) == "Flat"
+    assert auto_factory(1_000_000, 64) == "IVF4096,Flat"  # 4 sqrt(1e6) = 4000 -> 4096
+    assert auto_factory(20_000_000, 576) == "IVF16384,PQ64"
+    assert auto_factory(20_000_000, 96) == "IVF16384,PQ48"  # the largest divisor of 96 up to 64
+    ds = build_datastore(docs, tiny, tmp_path / "auto", replace(small_config, factory="auto"), progress=False)
+    assert ds.manifest["factory"] == "Flat" and ds.stats()["factory"] == "Flat"
+
+
+def test_ivf_probes_enough_lists_for_large_k(tiny, docs, tmp_path):
+    ds = build_datastore(docs, tiny, tmp_path / "ivf", DatastoreConfig(
+        window=64, stride=32, docs_per_chunk=4, factory="IVF16,Flat", nprobe=1), progress=False)
+    n = len(ds)
+    assert ds.probes_for(4) == 1 and ds.probes_for(n) == 16
+    xq = np.asarray(ds.keys[:3], np.float32)
+    k = n // 2  # far more than one list holds: nprobe 1 alone would return ~n/16 neighbours
+    res = ds.search(xq, k)
+    assert (res.I >= 0).all() and len(set(res.I[0].tolist())) == k

@@ -72,6 +72,11 @@ def test_tune_grid_and_best(store, tiny, docs):
         ids, window=64, stride=32)
     assert direct.ppl == pytest.approx(tr.best_ppl, rel=1e-4)
     assert tr.best_ppl < tr.ppl_lm
+    for row in tr.table:  # and so does every other point (the grid sums prefixes of the sorted neighbours)
+        if row["lmbda"] == 0.3 and row["k"] in (4, 16):
+            got = knn.with_config(k=row["k"], temperature=row["temperature"], lmbda=0.3).evaluate(
+                ids, window=64, stride=32)
+            assert got.ppl == pytest.approx(row["ppl"], rel=1e-4)
 
 
 def test_attribution_names_documents_and_excludes_opted_out(store, tiny, planted_text):

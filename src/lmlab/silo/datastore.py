@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterable, Iterator
@@ -72,7 +73,7 @@ class DatastoreConfig:
     stride: int = 512  # silo-lm stride
     batch_size: int = 8  # windows per forward (silo-lm batch_size)
     docs_per_chunk: int = 64  # unit of resume and sharding
-    factory: str = "Flat"  # faiss index_factory string; "IVF4096,PQ64" is silo-lm's large-store index
+    factory: str = "Flat"  # faiss index_factory string; "IVF4096,PQ64" is silo-lm's; "auto": by size (auto_factory)
     nprobe: int = 8  # silo-lm probe
     train_size: int = 1_000_000  # vectors sampled to train an IVF/PQ index (silo-lm sample_size)
     add_batch: int = 1_000_000  # vectors added per call (silo-lm num_keys_to_add_at_a_time)
@@ -338,6 +339,19 @@ def _read_parts(parts_dirs: list[Path]) -> tuple[dict, list[Path]]:
     return infos[0], files
 
 
+def auto_factory(n: int, dim: int) -> str:
+    """A faiss factory string for ``n`` vectors of ``dim``: exact ``Flat`` up to 200k entries (a search scans
+    < 100 MB), then ``IVF<nlist>,Flat`` with nlist ~ 4 sqrt(n) (faiss's guideline; a power of two) up to 5M,
+    then ``IVF<nlist>,PQ<m>`` with m the largest divisor of ``dim`` up to 64 bytes a vector (silo-lm: PQ64)."""
+    if n <= 200_000:
+        return "Flat"
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
+    if n <= 5_000_000:
+        return f"IVF{nlist},Flat"
+    m = max(d for d in range(1, min(64, dim) + 1) if dim % d == 0)
+    return f"IVF{nlist},PQ{m}"
+
+
 def _new_index(factory: str, dim: int):
     import faiss
 
@@ -389,13 +403,14 @@ def finalize(parts_dirs: list[str | os.PathLike], out: str | os.PathLike, config
         np.save(tmp / "offset.npy", offset)
         write_bytes_atomic(tmp / "docs.jsonl", "".join(json.dumps(d) + "\n" for d in docs).encode())
         xb_all = np.load(tmp / KEYS, mmap_mode="r")
-        index = _new_index(config.factory, dim)
+        factory = auto_factory(n, dim) if config.factory == "auto" else config.factory
+        index = _new_index(factory, dim)
         if not index.is_trained:
             rng = np.random.default_rng(config.seed)
             sample = np.sort(rng.choice(n, size=min(n, config.train_size), replace=False))
             nlist = getattr(faiss.extract_index_ivf(index), "nlist", 1)
             if len(sample) < nlist:
-                raise ConfigError(f"index {config.factory!r} needs at least {nlist} training vectors; the datastore "
+                raise ConfigError(f"index {factory!r} needs at least {nlist} training vectors; the datastore "
                                   f"has {n}: use a smaller IVF (e.g. IVF{max(1, n // 39)},PQ..) or Flat")
             index.train(np.ascontiguousarray(xb_all[sample], dtype=np.float32))
         for start in tqdm(range(0, n, config.add_batch), desc="index", disable=not progress):
@@ -404,7 +419,7 @@ def finalize(parts_dirs: list[str | os.PathLike], out: str | os.PathLike, config
         faiss.write_index(index, str(tmp / INDEX))
         del xb_all
         write_manifest(tmp, {
-            "kind": KIND, "format_version": FORMAT_VERSION, **info, "factory": config.factory,
+            "kind": KIND, "format_version": FORMAT_VERSION, **info, "factory": factory,
             "nprobe": config.nprobe, "metric": "L2", "entries": n, "documents": len(docs),
             "tombstones": {"doc_ids": [], "sources": [], "license_classes": []}, "removed_entries": 0,
             "index_bytes": (tmp / INDEX).stat().st_size,
@@ -458,8 +473,11 @@ class Datastore:
         with open(folder / "docs.jsonl", encoding="utf-8") as f:
             self.docs = [DocInfo(**json.loads(line)) for line in f]
         self.index = faiss.read_index(str(folder / INDEX))
+        self.nprobe = int(manifest.get("nprobe", 8))
+        self._ivf = None
         with contextlib.suppress(RuntimeError):
-            faiss.extract_index_ivf(self.index).nprobe = int(manifest.get("nprobe", 8))
+            self._ivf = faiss.extract_index_ivf(self.index)
+            self._ivf.nprobe = self.nprobe
         self.removed_docs = np.zeros(len(self.docs), bool)
         self._apply_tombstones()
 
@@ -501,10 +519,10 @@ class Datastore:
         if xq.ndim != 2 or xq.shape[1] != self.dim:
             raise DataError(f"queries must be (n, {self.dim}); got {xq.shape}")
         k_eff = max(1, min(k, len(self)))
-        D, I = self.index.search(xq, k_eff)  # noqa: E741
+        D, I = self.index.search(xq, k_eff, params=self._search_params(k_eff))  # noqa: E741
         D = D.astype(np.float32)
         valid = I >= 0
-        if valid.any():
+        if valid.any() and self.removed_docs.any():  # opted-out entries are removed from the index too: belt
             dead = np.zeros_like(valid)
             dead[valid] = self.removed_docs[self.doc[I[valid]]]
             valid &= ~dead
@@ -517,6 +535,24 @@ class Datastore:
             D = np.pad(D, ((0, 0), (0, pad)), constant_values=np.inf)
             I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)  # noqa: E741
         return SearchResult(D=D, I=I)
+
+    def probes_for(self, k: int) -> int:
+        """IVF lists to probe for ``k`` neighbours: the manifest's nprobe, raised until the probed lists hold
+        about 2k vectors on average (with nprobe 8 over small lists, k = 4096 would otherwise return fewer
+        than k candidates, silently shrinking k)."""
+        if self._ivf is None:
+            return 0
+        per_list = max(1.0, self.index.ntotal / self._ivf.nlist)
+        return int(min(self._ivf.nlist, max(self.nprobe, math.ceil(2 * k / per_list))))
+
+    def _search_params(self, k: int):
+        """Per-call faiss parameters (thread-safe, unlike setting ``index.nprobe``: the server searches
+        from several threads)."""
+        if self._ivf is None:
+            return None
+        import faiss
+
+        return faiss.SearchParametersIVF(nprobe=self.probes_for(k))
 
     def exact_distances(self, xq: np.ndarray, I: np.ndarray, *, block: int = 16) -> np.ndarray:  # noqa: E741
         """Squared L2 between each query and its neighbours' fp16 keys (silo-lm ``get_knn_scores``), by blocks."""

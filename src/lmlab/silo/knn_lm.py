@@ -102,9 +102,27 @@ def neighbour_logweights(D: torch.Tensor, temperature: float, distance: str = "l
 
 
 def knn_target_logprob(logw: torch.Tensor, values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p_kNN(target) (n,): logsumexp of the weights of neighbours whose value is the target (eq. 2)."""
+    """log p_kNN(target) (n,): log of the summed weights of neighbours whose value is the target (eq. 2).
+
+    Summed as probabilities relative to each row's largest weight (no overflow): ~10x faster than
+    ``logsumexp`` over a ``-inf``-masked copy, which dominated evaluation time at k = 1024.
+    """
     hit = values == targets[:, None]
-    return torch.logsumexp(logw.masked_fill(~hit, float("-inf")), -1)
+    m = logw.max(-1, keepdim=True).values
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    return torch.log((torch.exp(logw - m) * hit).sum(-1)) + m.squeeze(-1)
+
+
+def knn_target_logprob_from_distances(D: torch.Tensor, values: torch.Tensor, targets: torch.Tensor,  # noqa: N803
+                                      temperature: float, distance: str = "l2") -> torch.Tensor:
+    """log p_kNN(target) (n,) straight from squared distances: :func:`neighbour_logweights` then
+    :func:`knn_target_logprob` in four passes over (n, K) instead of a dozen (evaluation's hot loop at
+    k = 1024). NaN for a row with no neighbour (the caller substitutes p_LM)."""
+    d = D.clamp_min(0)
+    s = -(d.sqrt() if distance == "l2" else d) / temperature
+    m = s.max(-1, keepdim=True).values  # -inf for a row with no neighbour -> 0/0 = NaN below
+    w = torch.exp(s - m)
+    return torch.log((w * (values == targets[:, None])).sum(-1) / w.sum(-1))
 
 
 def knn_logprobs(logw: torch.Tensor, values: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -195,9 +213,8 @@ class KnnLM:
                 lp = lp_lm
             else:
                 D, vals, _ = self._neighbours(sk.keys, c.k)
-                logw = neighbour_logweights(D, c.temperature, c.distance)
-                lp_knn = knn_target_logprob(logw, vals, sk.target_ids.cpu())
-                lp_knn = torch.where(torch.isinf(D).all(-1), lp_lm, lp_knn)  # no neighbour: p_kNN := p_LM
+                lp_knn = knn_target_logprob_from_distances(D, vals, sk.target_ids.cpu(), c.temperature, c.distance)
+                lp_knn = torch.where(torch.isnan(lp_knn), lp_lm, lp_knn)  # no neighbour: p_kNN := p_LM
                 lp = interpolate(lp_lm, lp_knn, c.lmbda)
             token_nll[w.score_from - 1:w.end - 1] = -lp
             token_nll_lm[w.score_from - 1:w.end - 1] = -lp_lm
@@ -226,20 +243,25 @@ class KnnLM:
         n = 0
         log1m = torch.log1p(-lmbdas.clamp(max=1 - 1e-12))
         logl = torch.log(lmbdas)  # -inf at 0: logaddexp gives lp_lm exactly
+        kk = torch.tensor(ks) - 1
+        tt = torch.tensor(temps, dtype=torch.float64)[:, None, None]
         for sk in self._windows(ids, window, stride, batch_size, progress):
             lp_lm = sk.logprobs.gather(-1, sk.target_ids[:, None]).squeeze(-1).cpu().double()
-            D, vals, _ = self._neighbours(sk.keys, k_max)
-            hit = vals == sk.target_ids.cpu()[:, None]
+            D, vals, _ = self._neighbours(sk.keys, k_max)  # sorted by distance: the k nearest are a prefix
+            hit = (vals == sk.target_ids.cpu()[:, None]).double()
             empty = torch.isinf(D).all(-1)
-            d = D.clamp_min(0).sqrt() if self.config.distance == "l2" else D.clamp_min(0)  # (n, K) once
+            d = D.double().clamp_min(0)
+            d = d.sqrt() if self.config.distance == "l2" else d
             d = torch.where(empty[:, None], torch.zeros_like(d), d)
-            for a, k in enumerate(ks):
-                for b, t in enumerate(temps):
-                    logw = torch.log_softmax(-d[:, :k] / t, -1)  # eq. 2 weights (-inf where no neighbour)
-                    lp_knn = torch.logsumexp(logw.masked_fill(~hit[:, :k], float("-inf")), -1).double()
-                    lp_knn = torch.where(empty, lp_lm, lp_knn)
-                    lp = torch.logaddexp(lp_lm[:, None] + log1m, lp_knn[:, None] + logl)  # (n, L) eq. 3
-                    nll[a, b] -= lp.sum(0)
+            d = d - d[:, :1]  # relative to the nearest: exp(-d / t) <= 1, no overflow; inf -> weight 0
+            # eq. 2 for every (k, temperature) at once: p_kNN(target | k nearest) = (sum of the first k weights
+            # on the target) / (sum of the first k weights), as prefix sums over the sorted neighbours
+            w = torch.exp(-d[None] / tt)  # (T, n, K)
+            total = w.cumsum(-1)[..., kk]  # (T, n, len(ks))
+            on_target = (w * hit).cumsum(-1)[..., kk]
+            lp_knn = torch.where(empty[None, :, None], lp_lm[None, :, None], on_target.log() - total.log())
+            lp = torch.logaddexp(lp_lm[None, :, None, None] + log1m, lp_knn[..., None] + logl)  # (T, n, K, L) eq. 3
+            nll -= lp.sum(1).transpose(0, 1)
             nll_lm -= lp_lm.sum().item()
             n += len(lp_lm)
         ppl = torch.exp(nll / n)
