@@ -6,31 +6,19 @@ a nonparametric datastore of the restricted text at inference, with kNN-LM, clos
 trained on everything ("closing 90% of the performance gap with an LM trained on the Pile"); RIC-LM helps less;
 kNN-LM improves as the datastore grows (Fig. 3).
 
-What this script does (every size is a flag; seeds fixed):
+What this script does (every size is a flag; seeds fixed): the experiment of ``lmlab.silo.experiment`` (the same
+code ``make demo`` runs: licensed corpus -> split by package -> tokenizer and parametric LM on permissive text
+only, reference LM of the same size and token budget on everything -> datastore of the restricted training
+text -> kNN-LM tuned on restricted validation text (silo-lm grid, k to 4096) -> parametric / RIC-LM / kNN-LM /
+reference perplexity on restricted and permissive test text from packages no model saw), then
 
-1. corpus: a built ``lmlab.corpus`` folder (``--corpus``), or built here from ``--from`` specs (default: the
-   installed Debian packages' docs and man pages, DEP-5 licences); split by source group, stratified by licence
-   class (``lmlab.corpus.split_corpus``), so no package is in two splits.
-2. pools: permissive = public_domain + permissive_sw (+ attribution with ``--attribution``); restricted =
-   copyleft + noncommercial + unknown. The tokenizer (BPE) is trained on permissive train text only.
-3. two LMs of the same architecture and token budget: the *parametric* one on the permissive pool, the
-   *reference* one on permissive + restricted.
-4. a datastore (keys from the parametric LM) of the restricted train pool; kNN-LM k/temperature/lambda tuned on
-   restricted validation text (silo-lm grid, k to 4096), reported on restricted test text (unseen sources)
-   and on permissive test text; RIC-LM (BM25 blocks) on the same; the reference LM on the same.
-5. gap closed = (ppl_param - ppl_kNN) / (ppl_param - ppl_ref) on restricted test; perplexity vs datastore size
-   (documents opted out of copies of the datastore, re-tuned at each size); results/silo.png.
-6. SmolLM2-135M as the parametric model over a (smaller) datastore of the same restricted documents.
+- gap closed = (ppl_param - ppl_kNN) / (ppl_param - ppl_ref) on restricted test;
+- perplexity vs datastore size: copies of the datastore with the documents beyond the first fraction opted out,
+  re-tuned at each size (results/silo.png);
+- SmolLM2-135M as the parametric model over a (smaller) datastore of the same restricted documents.
 
-    nice -n 10 python recipes/silo.py                        # defaults (not timed: see below)
+    nice -n 10 python recipes/silo.py                        # defaults (timed in results/silo.json "seconds")
     python recipes/silo.py --steps 2000 --restricted-mb 8    # bigger
-    python recipes/silo.py --train-only permissive & python recipes/silo.py --train-only reference  # LMs in parallel
-
-results/silo.json was written with the much smaller flags in its ``summary.command`` (64 training steps,
-0.6 MB datastore text): the shared 2-core machine was about 5x oversubscribed, the two LMs were trained in
-parallel with ``--train-only`` (~15 min), and the rest took 28 min. At that budget both LMs are barely trained
-(perplexity ~1200), so the gap fraction is not comparable with the paper's; ``--resummarize`` recomputes the
-summary of an existing results file from its recorded numbers.
 """
 
 from __future__ import annotations
@@ -60,14 +48,15 @@ def make_summary(table: dict, gaps: dict, smol: dict | None, command: str) -> di
     """The results table row (claim, paper, ours, command, reproduced) from the measured numbers."""
     g = gaps["restricted"]["knn_lm"]
     r = table["restricted"]
-    # the issue's goal: at least half the gap; over 100% only says the reference is weak, so "partly"
-    reproduced = "yes" if 0.5 <= g <= 1.0 else ("partly" if g > 0 else "no")
+    # the issue's goal: at least half the gap. Over 100% (kNN-LM better than the reference) still meets it, but
+    # says as much about the small reference LM as about the datastore: the absolute perplexities go beside it.
+    reproduced = "yes" if g >= 0.5 else ("partly" if g > 0 else "no")
     reason = (f"kNN-LM closes {g:.0%} of the parametric-to-reference gap on held-out restricted sources "
               f"(ppl {r['parametric']:.1f} -> {r['knn_lm']:.1f}; reference {r['reference']:.1f}); RIC-LM "
               f"{gaps['restricted']['ric_lm']:.0%}.")
     if g > 1:
-        reason += (" Over 100%: the small reference LM is undertrained, so this says more about it than about "
-                   "the datastore.")
+        reason += (" Over 100%: kNN-LM beats the reference LM itself; both LMs are small and briefly trained, so "
+                   "read the absolute perplexities, not the fraction.")
     if math.isnan(g):
         reason = (f"the reference LM ({r['reference']:.1f}) is not better than the parametric one "
                   f"({r['parametric']:.1f}) on restricted test, so the gap is undefined; "

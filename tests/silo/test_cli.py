@@ -64,3 +64,14 @@ def test_pipeline(corpus, tmp_path, capsys):
     assert "test perplexity" in printed and "sample:" in printed
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["test_ppl_knn"] <= res["test_ppl_lm"] * 1.01
+    assert "test_ppl_reference" not in res
+
+
+def test_pipeline_with_reference(corpus, tmp_path, capsys):
+    # the same random model as its own reference: equal perplexity, so the gap is undefined (NaN), not a number
+    assert main(["silo", "pipeline", "--corpus", str(corpus), "--model", "tiny:micro", "--reference", "tiny:micro",
+                 "--out", str(tmp_path / "run"), "--window", "64"]) == 0
+    assert "reference" in capsys.readouterr().out
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["test_ppl_reference"] == pytest.approx(res["test_ppl_lm"], rel=1e-5)
+    assert res["gap_closed_knn"] != res["gap_closed_knn"]

@@ -286,7 +286,9 @@ def serve_cmd(datastore, model_spec, tokenizer, host, port, audit_log, k, temper
 @click.option("--max-docs", default=None, type=int, help="Cap documents per split (for quick runs).")
 @click.option("--window", default=None, type=int, help="Window (default: min(1024, model positions)).")
 @click.option("--prompt", default=None, help="Prompt for the attributed sample (default: a test document's start).")
-def pipeline_cmd(corpus_dir, model_spec, tokenizer, out, max_docs, window, prompt):
+@click.option("--reference", "reference_spec", default=None,
+              help="An LM trained on everything (same tokenizer): adds its perplexity and the gap closed.")
+def pipeline_cmd(corpus_dir, model_spec, tokenizer, out, max_docs, window, prompt, reference_spec):
     """Datastore from the restricted train split, tune on validation, report on test, one attributed sample."""
     from lmlab.errors import DataError
     from lmlab.io import write_json_atomic
@@ -325,10 +327,24 @@ def pipeline_cmd(corpus_dir, model_spec, tokenizer, out, max_docs, window, promp
     results = {"best": vars(tr.best), "validation_ppl_knn": tr.best_ppl, "validation_ppl_lm": tr.ppl_lm,
                "test_tokens": res.n_tokens, "test_ppl_lm": res.ppl_lm, "test_ppl_knn": res.ppl,
                "test_ppl_ric": ric_res.ppl, "sample": {"prompt": prompt, "text": g.text}}
+    if reference_spec:
+        from lmlab.lm.score import perplexity
+        from lmlab.silo.datastore import tokenizer_fingerprint
+        from lmlab.silo.experiment import gap_closed
+
+        ref = _load_model(reference_spec, tokenizer)
+        if tokenizer_fingerprint(ref.tokenizer) != tokenizer_fingerprint(loaded.tokenizer):
+            raise DataError(f"--reference {reference_spec} has another tokenizer than --model: perplexities would "
+                            f"not be comparable")
+        ref_ppl = perplexity(ref.model, knn.encode(test_texts), window=window, stride=window // 2).ppl
+        results.update(test_ppl_reference=ref_ppl, gap_closed_knn=gap_closed(res.ppl_lm, ref_ppl, res.ppl),
+                       gap_closed_ric=gap_closed(res.ppl_lm, ref_ppl, ric_res.ppl))
     write_json_atomic(out / "results.json", results)
     click.echo(f"datastore: {ds.n_entries} entries from {len(ds.docs)} restricted documents")
     click.echo(f"tuned on validation: k={tr.best.k} temperature={tr.best.temperature} lmbda={tr.best.lmbda}")
-    click.echo(f"test perplexity: parametric {res.ppl_lm:.3f} | + RIC-LM {ric_res.ppl:.3f} | + kNN-LM {res.ppl:.3f}")
+    click.echo(f"test perplexity: parametric {res.ppl_lm:.3f} | + RIC-LM {ric_res.ppl:.3f} | + kNN-LM {res.ppl:.3f}"
+               + (f" | reference {results['test_ppl_reference']:.3f} (kNN-LM closes "
+                  f"{results['gap_closed_knn']:.0%} of the gap)" if reference_spec else ""))
     click.echo("sample: " + prompt + g.text)
     click.echo(format_attribution(g.tokens, max_tokens=12))
 
