@@ -74,3 +74,56 @@ def test_ingest_filters_tracks_and_groups():
 def test_not_a_man_page():
     with pytest.raises(DataError):
         parse_manpage("hello\nworld\n")
+
+
+# -- tbl(1) tables ---------------------------------------------------------------------------------
+
+TABLES = FIX / "tables" / "gcloud_demo_widgets_tag.1"
+
+
+def test_parse_table_rows_per_format_line():
+    from lmlab.tools.manpages import parse_table
+
+    t = parse_table(["tab(;);", "lB lB", "l l.", "Alias;URI", "=", "a;x;y", "b", ".T&", "l l.", "c;z"])
+    assert t.header and t.rows == [["Alias", "URI"], ["a", "x;y"], ["b", ""], ["c", "z"]]
+    assert t.lines() == ["Alias\tURI", "a\tx;y", "b", "c\tz"]  # extra separators stay in the last cell
+    plain = parse_table(["l r c.", "1\t2\t3"])  # no options line: tab-separated, no header
+    assert not plain.header and plain.rows == [["1", "2", "3"]]
+    with pytest.raises(DataError):
+        parse_table(["tab(;);"])
+
+
+def test_table_in_description_is_rows_not_raw_troff():
+    page = read_manpage(TABLES)
+    desc = page.sections["DESCRIPTION"]
+    assert desc.split("\n\n") == [
+        "Attach tags to a widget. Tag kinds:",
+        "KIND\tLIMIT\tNOTES\ncolor\t3\tone of 'red' or 'blue'\nsize\t1\tsmall, medium or large\nowner\t1",
+        "Tags are kept until the widget is deleted.",
+    ]
+    assert "tab(" not in desc and "lB" not in desc and "T{" not in desc
+
+
+def test_table_in_flag_description_and_examples_unaffected():
+    page = read_manpage(TABLES)
+    scopes = next(i for i in page.items if i.term.startswith("--scopes"))
+    assert scopes.description.split("\n\n") == [
+        "SCOPE can be either the full URI of the scope or an alias. Available aliases are:",
+        "Alias\tURI\nbigquery\thttps://www.googleapis.com/auth/bigquery\n"
+        "default\thttps://www.googleapis.com/auth/devstorage.read_only\n\thttps://www.googleapis.com/auth/logging.write",
+        "Scopes are applied in order.",
+    ]
+    assert [(e.request, e.call) for e in page.examples] == [
+        ("Tag the widget 'w1' with the default scopes", "gcloud demo widgets tag w1")]
+    tool = page_to_tool(page)
+    assert "bigquery\thttps://www.googleapis.com/auth/bigquery" in tool.parameter("--scopes").description
+
+
+def test_malformed_table_drops_the_table_not_the_page():
+    text = TABLES.read_text()
+    start, end = text.index(".TS"), text.index(".TE") + 3
+    page = parse_manpage(text[:start] + ".TS\ntab(\t);\n.TE" + text[end:])  # no format line
+    assert page.name == "gcloud demo widgets tag"
+    assert page.sections["DESCRIPTION"].split("\n\n") == ["Attach tags to a widget. Tag kinds:",
+                                                            "Tags are kept until the widget is deleted."]
+    assert any(i.term.startswith("--scopes") and "bigquery\t" in i.description for i in page.items)

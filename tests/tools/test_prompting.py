@@ -8,7 +8,16 @@ from lmlab.errors import ConfigError, DataError
 from lmlab.tools.catalog import Catalog
 from lmlab.tools.cloud_cli import CliExample
 from lmlab.tools.manpages import ingest_manpages
-from lmlab.tools.prompting import DemoPool, PromptConfig, build_prompt, doc_lines, usage_line
+from lmlab.tools.prompting import (
+    SHOTS,
+    DemoPool,
+    PromptConfig,
+    build_prompt,
+    completion_prompt,
+    doc_lines,
+    prompt_format,
+    usage_line,
+)
 
 FIX = Path(__file__).parent / "fixtures"
 CAT = Catalog(ingest_manpages(FIX))
@@ -34,24 +43,69 @@ def test_doc_rounds_priority():
     assert "One of: red, green, blue." in "".join(sum(rounds[3:], []))
 
 
-@settings(max_examples=40, deadline=None)
-@given(budget=st.integers(40, 400), mode=st.sampled_from(["demos", "docs", "both"]), n_docs=st.integers(1, 3),
-       n_demos=st.integers(0, 5))
-def test_prompt_never_exceeds_budget(budget, mode, n_docs, n_demos):
+def completion_words(messages):
+    return len(completion_prompt(messages).split())
+
+
+@settings(max_examples=60, deadline=None)
+@given(budget=st.integers(40, 400), mode=st.sampled_from(["none", "demos", "docs", "both"]),
+       n_docs=st.integers(1, 3), n_demos=st.integers(0, 5), completion=st.booleans())
+def test_prompt_never_exceeds_budget(budget, mode, n_docs, n_demos, completion):
     cfg = PromptConfig(mode=mode, budget=budget, n_docs=n_docs, n_demos=n_demos)
+    count = completion_words if completion else words
     try:
-        p = build_prompt("Create a red widget in zone a", config=cfg, count_tokens=words, demos=DEMOS,
+        p = build_prompt("Create a red widget in zone a", config=cfg, count_tokens=count, demos=DEMOS,
                          candidates=list(CAT))
     except DataError:
-        assert words([{"role": "system", "content": ""}]) < budget  # only when the bare request does not fit
+        assert count([{"role": "system", "content": ""}]) < budget  # only when the bare request does not fit
         return
-    assert p.n_tokens <= budget and p.n_tokens == words(p.messages)
+    assert p.n_tokens <= budget and p.n_tokens == count(p.messages)
     assert p.messages[-1]["content"].startswith("Documentation" if p.docs else "Request:")
     assert len(p.demos) <= n_demos and len(p.docs) <= n_docs
-    if mode == "demos":
+    if mode in ("none", "demos"):
         assert not p.docs
-    if mode == "docs":
+    if mode in ("none", "docs"):
         assert not p.demos
+    if mode == "none":  # the zero-shot baseline: the system message and the request, nothing else
+        assert [m["role"] for m in p.messages] == ["system", "user"]
+        assert p.messages[1]["content"] == "Request: Create a red widget in zone a\nReply with the gcloud command only."
+
+
+def test_mode_grid_zero_and_few_shot():
+    assert SHOTS == {"none": "zero-shot", "demos": "few-shot", "docs": "zero-shot", "both": "few-shot"}
+    cands = [CAT["gcloud demo gadgets delete"]]
+    kinds = {}
+    for mode in SHOTS:
+        p = build_prompt("remove gadget g7", config=PromptConfig(mode=mode, budget=2000, n_demos=2, n_docs=1),
+                         count_tokens=words, demos=DEMOS, candidates=cands)
+        kinds[mode] = (bool(p.demos), bool(p.docs))
+    assert kinds == {"none": (False, False), "demos": (True, False), "docs": (False, True), "both": (True, True)}
+
+
+def test_completion_prompt_for_base_models():
+    p = build_prompt("remove gadget g7", config=PromptConfig(mode="both", budget=2000, n_demos=1, n_docs=1),
+                     count_tokens=words, demos=DEMOS, candidates=[CAT["gcloud demo gadgets delete"]])
+    text = completion_prompt(p.messages)
+    assert text.startswith("You translate requests into gcloud commands.")
+    assert "Request: Delete the apple gadget right now\nCommand: gcloud demo gadgets delete g0 --force\n\n" in text
+    assert "## gcloud demo gadgets delete" in text and "Reply with" not in text
+    assert text.endswith("Request: remove gadget g7\nCommand: gcloud")
+
+
+def test_prompt_format_auto_follows_the_chat_template():
+    class Tok:
+        chat_template = None
+
+    class Backend:
+        tokenizer = Tok()
+
+    assert prompt_format(Backend(), PromptConfig()) == "completion"
+    Tok.chat_template = "{{ messages }}"
+    assert prompt_format(Backend(), PromptConfig()) == "chat"
+    assert prompt_format(Backend(), PromptConfig(format="completion")) == "completion"
+    assert prompt_format(object(), PromptConfig()) == "chat"  # HTTP backends have no local tokenizer
+    with pytest.raises(ConfigError):
+        PromptConfig(format="xml")
 
 
 def test_best_ranked_candidate_gets_most_lines():
@@ -84,6 +138,12 @@ def test_prompting_end_to_end_with_tiny_model(tiny):
                              retriever=BM25Retriever(CAT), demo_pool=DemoPool(DEMOS), max_tokens=4)
     assert res.scores.n == 1 and res.retrieval_recall == 1.0
     assert res.records[0]["prompt_tokens"] <= 2000 and res.records[0]["candidates"][0] == "gcloud demo gadgets delete"
+    # the byte tokenizer has no chat template: completion format, reply prefilled with "gcloud"
+    assert res.records[0]["format"] == "completion" and res.records[0]["reply"].startswith("gcloud")
+    assert "\n" not in res.records[0]["reply"]
+    chat = evaluate_prompting(backend, ex, CAT, config=PromptConfig(mode="none", budget=2000, format="chat"),
+                              max_tokens=4)
+    assert chat.records[0]["format"] == "chat" and chat.records[0]["candidates"] == [] and chat.retrieval_recall is None
 
 
 def test_oracle_puts_gold_first(tiny):

@@ -56,8 +56,11 @@ def test_dense_returns_planted_match_and_finetune_moves_it():
     before = r.encode(["thaw frozen widgets"])
     pairs = [("thaw frozen widgets", tool_document(cat.tools[-1]))] + [
         (f"act on svc{i}", tool_document(cat.tools[i])) for i in range(8)]
-    res = finetune_mnr(r.encoder, pairs, MNRConfig(batch_size=4, epochs=2))
+    seen = []
+    res = finetune_mnr(r.encoder, pairs, MNRConfig(batch_size=4, epochs=2), checkpoints=(1, 3, 999),
+                       on_checkpoint=lambda step: seen.append((step, r.encoder.training)))
     assert res.steps >= 4 and all(np.isfinite(res.losses))
+    assert seen == [(1, False), (3, False)] and not r.encoder.training  # evaluated in eval mode, then resumed
     assert not np.allclose(before, r.encode(["thaw frozen widgets"]))
 
 

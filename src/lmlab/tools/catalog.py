@@ -178,6 +178,8 @@ def save_catalog(tools: Iterable[Tool], out: str | Path, *, info: dict) -> Catal
 def load_catalog(folder: str | Path, *, verify: bool = True) -> Catalog:
     """Read a catalogue folder written by :func:`save_catalog` (checksums verified by default)."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"no tool catalogue at {folder}: build one with `lmlab tools ingest ... --out {folder}`")
     manifest = read_manifest(folder, verify=verify)
     if manifest.get("kind") != "tool-catalog":
         raise DataError(f"{folder} is not a tool catalogue (manifest kind {manifest.get('kind')!r}); "

@@ -10,6 +10,16 @@ import click
 from lmlab.errors import ConfigError
 
 DEFAULT_MAN = "/usr/share/man/man1/gcloud_*.1.gz"
+PROMPT_MODES = ("none", "demos", "docs", "both")  # lmlab.tools.prompting.MODES, without importing it
+MODE_HELP = ("none: the request alone (zero-shot baseline); demos: k train examples (few-shot); docs: the "
+             "retrieved commands' documentation (zero-shot); both: demos + docs (few-shot)")
+
+
+def _check_mode(ctx, param, value):
+    """--mode as a plain string, so that a wrong one is an LmlabError (one line, exit 2), not a usage dump."""
+    if value not in PROMPT_MODES:
+        raise ConfigError(f"unknown --mode {value!r}: use one of {', '.join(PROMPT_MODES)}")
+    return value
 
 
 @click.group("tools")
@@ -117,7 +127,7 @@ def bench_group():
 @bench_group.command("cloud-cli")
 @click.option("--catalog", type=click.Path(file_okay=False), default=None,
               help="gcloud catalogue (default: ingest the installed man pages into a temporary folder)")
-@click.option("--mode", type=click.Choice(["docs", "demos", "both"]), default="docs", show_default=True)
+@click.option("--mode", default="docs", show_default=True, callback=_check_mode, help=MODE_HELP)
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="model spec (lmlab.lm.models) or http://host:port/v1#model")
 @click.option("--limit", default=20, show_default=True, help="test requests to evaluate")
@@ -132,8 +142,8 @@ def bench_group():
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="write scores and records as JSON")
 def bench_cloud_cli(catalog, mode, model, limit, split, n_docs, n_demos, budget, retriever, max_tokens, seed,
                     threads, out):
-    """Prompt a model with demonstrations, documentation or both; score its gcloud commands
-    (a fixed-seed sample of --limit requests, as recipes/tool_docs.py draws it)."""
+    """Prompt a model with the request alone, demonstrations, documentation or both; score its gcloud
+    commands (a fixed-seed sample of --limit requests, as recipes/tool_docs.py draws it)."""
     import random
     import tempfile
 
@@ -146,7 +156,7 @@ def bench_cloud_cli(catalog, mode, model, limit, split, n_docs, n_demos, budget,
     from lmlab.lm.backends import get_backend
     from lmlab.tools.catalog import load_catalog, save_catalog
     from lmlab.tools.cloud_cli import build_benchmark
-    from lmlab.tools.prompting import DemoPool, PromptConfig, evaluate_prompting
+    from lmlab.tools.prompting import SHOTS, DemoPool, PromptConfig, evaluate_prompting
     from lmlab.tools.retrieve import get_retriever
 
     if catalog is None:
@@ -161,8 +171,8 @@ def bench_cloud_cli(catalog, mode, model, limit, split, n_docs, n_demos, budget,
     config = PromptConfig(mode=mode, n_docs=n_docs, n_demos=n_demos, budget=budget)
     backend = get_backend(model)
     result = evaluate_prompting(backend, examples, cat, config=config,
-                                retriever=get_retriever(retriever, cat) if mode != "demos" else None,
-                                demo_pool=DemoPool(bench.split("train")) if mode != "docs" else None,
+                                retriever=get_retriever(retriever, cat) if mode in ("docs", "both") else None,
+                                demo_pool=DemoPool(bench.split("train")) if mode in ("demos", "both") else None,
                                 count_tokens=None, max_tokens=max_tokens, progress=True)
     s = result.scores
     click.echo(f"{mode}: n={s.n} path_acc={s.path_accuracy:.3f} flag_f1={s.flag_f1:.3f} "
@@ -170,14 +180,16 @@ def bench_cloud_cli(catalog, mode, model, limit, split, n_docs, n_demos, budget,
                + (f" retrieval_recall@{n_docs}={result.retrieval_recall:.3f}" if result.retrieval_recall is not None
                   else ""))
     if out:
-        write_json_atomic(out, {"config": config.__dict__, "scores": s.to_json(),
+        write_json_atomic(out, {"config": config.__dict__, "shot": SHOTS[mode], "model": model, "split": split,
+                                "retriever": retriever if mode in ("docs", "both") else None,
+                                "seconds": result.seconds, "scores": s.to_json(),
                                 "retrieval_recall": result.retrieval_recall, "records": result.records})
 
 
 @tools_group.command("prompt")
 @click.argument("catalog", type=click.Path(exists=True, file_okay=False))
 @click.argument("request")
-@click.option("--mode", type=click.Choice(["docs", "demos", "both"]), default="docs", show_default=True)
+@click.option("--mode", default="docs", show_default=True, callback=_check_mode, help=MODE_HELP)
 @click.option("--n-docs", default=3, show_default=True)
 @click.option("--n-demos", default=3, show_default=True, help="demonstrations from the benchmark's train split")
 @click.option("--budget", default=768, show_default=True, help="prompt token budget")
@@ -188,33 +200,49 @@ def prompt_command(catalog, request, mode, n_docs, n_demos, budget, model, max_t
     """Build the tool-documentation prompt for a request (BM25 candidates); with --model, answer and validate."""
     from lmlab.tools.catalog import load_catalog
     from lmlab.tools.cloud_cli import build_benchmark, extract_command, validate
-    from lmlab.tools.prompting import DemoPool, PromptConfig, approx_token_counter, build_prompt, chat_token_counter
+    from lmlab.tools.prompting import (
+        DemoPool,
+        PromptConfig,
+        approx_token_counter,
+        ask,
+        build_prompt,
+        chat_token_counter,
+        completion_prompt,
+        completion_token_counter,
+        prompt_format,
+    )
     from lmlab.tools.retrieve import BM25Retriever
 
     cat = load_catalog(catalog, verify=False)
     config = PromptConfig(mode=mode, n_docs=n_docs, n_demos=n_demos, budget=budget)
     backend = None
     count = approx_token_counter
+    fmt = "chat"
     if model:
         from lmlab.lm.backends import get_backend
 
         backend = get_backend(model)
+        fmt = prompt_format(backend, config)
         if getattr(backend, "tokenizer", None) is not None:
-            count = chat_token_counter(backend.tokenizer)
+            count = (completion_token_counter if fmt == "completion" else chat_token_counter)(backend.tokenizer)
     cands = []
-    if mode != "demos":
+    if mode in ("docs", "both"):
         res = BM25Retriever(cat).search([request], n_docs)
         cands = [cat.tools[i] for i in res.I[0] if i >= 0]
-    demos = DemoPool(build_benchmark(cat).split("train")).select(request, n_demos) if mode != "docs" else []
+    demos = DemoPool(build_benchmark(cat).split("train")).select(request, n_demos) if mode in ("demos", "both") \
+        else []
     prompt = build_prompt(request, config=config, count_tokens=count, demos=demos, candidates=cands)
     if backend is None:
         for m in prompt.messages:
             click.echo(f"--- {m['role']}\n{m['content']}")
         click.echo(f"--- {prompt.n_tokens} tokens (approximate without --model)")
         return
-    reply = backend.chat(prompt.messages, max_tokens=max_tokens, temperature=0.0)
-    command = extract_command(reply.text)
-    click.echo(f"reply: {reply.text.strip()}")
+    if fmt == "completion":
+        click.echo(f"--- completion prompt (base model), {prompt.n_tokens} tokens")
+        click.echo(completion_prompt(prompt.messages))
+    reply = ask(backend, prompt.messages, fmt, max_tokens=max_tokens)
+    command = extract_command(reply)
+    click.echo(f"reply: {reply.strip()}")
     if command is None:
         click.echo("no gcloud command in the reply")
         return

@@ -6,12 +6,16 @@ request -> call examples), with the tools' documentation only (zero-shot), and w
 that documentation alone matches or beats demonstrations, most of all when there are many tools
 (its Sec. 4, LLM-Cloud CLI results: docs retrieved by a retriever over the whole gcloud reference).
 
-:func:`build_prompt` makes the chat messages for one request:
+:func:`build_prompt` makes the chat messages for one request. The four modes are the paper's grid of
+zero-shot / few-shot without / with documentation:
 
+- ``none``: the system message and the request alone (zero-shot, no documentation: the baseline);
 - ``demos``: ``n_demos`` request -> command pairs from the train split (other command groups than any
   test request), most similar request first (BM25 over train requests), as user/assistant turns;
 - ``docs``: the documentation of the top-``n_docs`` retrieved commands (the retriever's ranking);
-- ``both``: demonstrations, then documentation.
+- ``both``: demonstrations, then documentation (few-shot with documentation).
+
+``demos`` and ``both`` are few-shot; ``none`` and ``docs`` are zero-shot (:data:`SHOTS`).
 
 Budget rule (the "stated rule" the issue asks for): the system message and the request always go in;
 then demonstrations are added whole, best first, while they fit (in ``both`` mode within
@@ -22,6 +26,12 @@ required parameters, then its optional parameters one per candidate per round in
 whole prompt still fits; a candidate whose next line does not fit gets no more lines. So a prompt
 never exceeds ``budget`` tokens as counted by the ``count_tokens`` callable (the model's own chat
 template and tokenizer in :func:`evaluate_prompting`), and the best-ranked tools are the most complete.
+
+Chat models get the messages through their chat template. A base model (a local tokenizer without a chat
+template, e.g. Gemma-3-270M base) gets the same content as a completion prompt (:func:`completion_prompt`):
+the system line, each turn as "Request: ...\nCommand: ...", and the last "Command:" prefilled with
+"gcloud", cut at the first newline - otherwise a base model continues the "user:/assistant:" transcript
+instead of answering. The budget is counted on the text the model actually sees either way.
 
 The reply is parsed with :func:`lmlab.tools.cloud_cli.extract_command` and scored with
 :func:`~lmlab.tools.cloud_cli.compare` and :func:`~lmlab.tools.cloud_cli.validate`.
@@ -45,7 +55,11 @@ from lmlab.tools.cloud_cli import (
     validate,
 )
 
-MODES = ("demos", "docs", "both")
+MODES = ("none", "demos", "docs", "both")
+FORMATS = ("auto", "chat", "completion")
+ASK = "\nReply with the gcloud command only."
+PREFILL = "gcloud"
+SHOTS = {"none": "zero-shot", "demos": "few-shot", "docs": "zero-shot", "both": "few-shot"}
 SYSTEM = ("You translate requests into gcloud commands. Answer with exactly one gcloud command on one line "
           "and nothing else.")
 
@@ -54,7 +68,7 @@ Message = dict[str, str]
 
 @dataclass(frozen=True)
 class PromptConfig:
-    mode: str = "docs"  # "demos" | "docs" | "both"
+    mode: str = "docs"  # "none" | "demos" | "docs" | "both" (see the module docstring)
     n_demos: int = 3  # demonstrations in demos/both mode (paper: few-shot)
     n_docs: int = 3  # candidate commands whose documentation is shown (docs/both mode)
     budget: int = 768  # prompt tokens (SmolLM2's window is 8192; 768 keeps the default CPU recipe inside 30 min)
@@ -62,10 +76,13 @@ class PromptConfig:
     oracle: bool = False  # analysis only: the gold command is always a candidate (first), the rest retrieved
     max_metavar: int = 40  # characters of a flag's value placeholder shown
     max_flag_chars: int = 160  # characters of a flag's description shown
+    format: str = "auto"  # "chat" | "completion" | "auto" (completion for local tokenizers without a chat template)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ConfigError(f"unknown prompting mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.format not in FORMATS:
+            raise ConfigError(f"unknown prompt format {self.format!r}: use one of {', '.join(FORMATS)}")
         if self.budget < 32:
             raise ConfigError(f"a budget of {self.budget} tokens cannot hold a request")
 
@@ -128,10 +145,10 @@ def build_prompt(request: str, *, config: PromptConfig, count_tokens: Callable[[
     def assemble(demo_list: list[CliExample], doc_text: str) -> list[Message]:
         msgs: list[Message] = [{"role": "system", "content": SYSTEM}]
         for d in demo_list:
-            msgs += [{"role": "user", "content": f"Request: {d.request}\nReply with the gcloud command only."},
+            msgs += [{"role": "user", "content": f"Request: {d.request}{ASK}"},
                      {"role": "assistant", "content": d.command}]
         body = (f"Documentation of candidate commands:\n\n{doc_text}\n\n" if doc_text else "") + \
-            f"Request: {request}\nReply with the gcloud command only."
+            f"Request: {request}{ASK}"
         msgs.append({"role": "user", "content": body})
         return msgs
 
@@ -183,6 +200,51 @@ def chat_token_counter(tokenizer) -> Callable[[list[Message]], int]:
     return count
 
 
+def completion_prompt(messages: list[Message]) -> str:
+    """The messages as one completion prompt for a base model, ending in the prefilled "Command: gcloud".
+
+    System text, then every user turn with its request's "Reply with..." line replaced by "Command:" and
+    every assistant turn (a demonstration's command) after it; the model continues the last command.
+    """
+    out = []
+    for m in messages:
+        if m["role"] == "system":
+            out.append(m["content"] + "\n\n")
+        elif m["role"] == "user":
+            body = m["content"][:-len(ASK)] if m["content"].endswith(ASK) else m["content"]
+            out.append(body + "\nCommand:")
+        else:
+            out.append(" " + m["content"] + "\n\n")
+    return "".join(out) + " " + PREFILL
+
+
+def completion_token_counter(tokenizer) -> Callable[[list[Message]], int]:
+    """Tokens of :func:`completion_prompt` (what a base model sees)."""
+
+    def count(messages: list[Message]) -> int:
+        return len(tokenizer(completion_prompt(messages), add_special_tokens=False)["input_ids"])
+
+    return count
+
+
+def prompt_format(backend, config: PromptConfig) -> str:
+    """"chat" or "completion": ``config.format``, or for "auto" completion when the backend's local tokenizer
+    has no chat template (a base model); HTTP backends are chat."""
+    if config.format != "auto":
+        return config.format
+    tok = getattr(backend, "tokenizer", None)
+    return "completion" if tok is not None and not getattr(tok, "chat_template", None) else "chat"
+
+
+def ask(backend, messages: list[Message], fmt: str, *, max_tokens: int) -> str:
+    """The backend's reply text: chat, or a greedy completion of :func:`completion_prompt` (prefill kept)."""
+    if fmt == "chat":
+        return backend.chat(messages, max_tokens=max_tokens, temperature=0.0).text
+    text = backend.generate([completion_prompt(messages)], max_tokens=max_tokens, temperature=0.0,
+                            stop=["\n"])[0][0].text
+    return PREFILL + text
+
+
 def approx_token_counter(messages: list[Message]) -> int:
     """For backends without a local tokenizer (HTTP): 1 token per 3 characters plus 8 per message (conservative
     for English BPE vocabularies, which average ~4 characters per token)."""
@@ -230,9 +292,11 @@ def evaluate_prompting(backend, examples: list[CliExample], catalog: Catalog, *,
         raise ConfigError(f"mode {config.mode!r} needs a retriever for the candidate documentation")
     if config.mode in ("demos", "both") and demo_pool is None and config.n_demos > 0:
         raise ConfigError(f"mode {config.mode!r} needs a pool of demonstrations")
+    fmt = prompt_format(backend, config)
     if count_tokens is None:
         tok = getattr(backend, "tokenizer", None)
-        count_tokens = chat_token_counter(tok) if tok is not None else approx_token_counter
+        count_tokens = approx_token_counter if tok is None else \
+            completion_token_counter(tok) if fmt == "completion" else chat_token_counter(tok)
     window = getattr(backend, "max_length", None)
     if window is not None and config.budget + max_tokens > window:  # the model's window caps the budget
         config = replace(config, budget=window - max_tokens)
@@ -254,13 +318,13 @@ def evaluate_prompting(backend, examples: list[CliExample], catalog: Catalog, *,
         demos = demo_pool.select(ex.request, config.n_demos) if config.mode in ("demos", "both") and demo_pool \
             else []
         prompt = build_prompt(ex.request, config=config, count_tokens=count_tokens, demos=demos, candidates=cands)
-        reply = backend.chat(prompt.messages, max_tokens=max_tokens, temperature=0.0)
-        pred = extract_command(reply.text)
+        reply = ask(backend, prompt.messages, fmt, max_tokens=max_tokens)
+        pred = extract_command(reply)
         comp = compare(ex.command, pred, catalog=catalog, request=ex.request)
         v = validate(pred, catalog) if pred else None
         comps.append(comp)
         valid.append(bool(v and v.ok))
-        records.append({"id": ex.id, "request": ex.request, "gold": ex.command, "reply": reply.text,
+        records.append({"id": ex.id, "request": ex.request, "gold": ex.command, "reply": reply, "format": fmt,
                         "pred": pred, "prompt_tokens": prompt.n_tokens, "path_correct": comp.path_correct,
                         "flag_f1": comp.flag_f1, "exact": comp.exact, "valid": bool(v and v.ok),
                         "feedback": list(v.errors) if v else ["no gcloud command in the reply"],

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,11 +281,14 @@ class MNRResult:
 
 
 def finetune_mnr(encoder, pairs: list[tuple[str, str]], config: MNRConfig = MNRConfig(), *,
-                 progress: bool = False) -> MNRResult:
+                 progress: bool = False, checkpoints: tuple[int, ...] = (),
+                 on_checkpoint: Callable[[int], None] | None = None) -> MNRResult:
     """Fine-tune a SentenceTransformer on (request, tool document) pairs with multiple-negatives ranking loss.
 
     Duplicated documents within a batch would be false negatives, so batches are drawn so that each
     document appears at most once per batch (sentence-transformers' NoDuplicatesBatchSampler idea).
+    ``on_checkpoint(step)`` is called, with the encoder in eval mode, after each step in ``checkpoints``
+    (e.g. to evaluate on a validation split and choose the number of steps: early stopping).
     """
     import torch
 
@@ -339,5 +343,9 @@ def finetune_mnr(encoder, pairs: list[tuple[str, str]], config: MNRConfig = MNRC
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             raise DataError("the MNR loss diverged (not finite): lower the learning rate")
+        if on_checkpoint is not None and len(losses) in checkpoints:
+            encoder.eval()
+            on_checkpoint(len(losses))
+            encoder.train()
     encoder.eval()
     return MNRResult(len(batches), losses)
