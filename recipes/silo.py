@@ -57,6 +57,9 @@ def make_summary(table: dict, gaps: dict, smol: dict | None, command: str) -> di
     if g > 1:
         reason += (" Over 100%: kNN-LM beats the reference LM itself; both LMs are small and briefly trained, so "
                    "read the absolute perplexities, not the fraction.")
+    if gaps["restricted"]["ric_lm"] < 0.1:
+        reason += (" RIC-LM does not help here (the paper's does, less than kNN-LM): likely because a few-million-"
+                   "parameter LM trained for minutes makes little use of a retrieved block in its context.")
     if math.isnan(g):
         reason = (f"the reference LM ({r['reference']:.1f}) is not better than the parametric one "
                   f"({r['parametric']:.1f}) on restricted test, so the gap is undefined; "

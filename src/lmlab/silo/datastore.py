@@ -78,7 +78,7 @@ class DatastoreConfig:
     docs_per_chunk: int = 64  # unit of resume and sharding
     factory: str = "Flat"  # faiss index_factory string; "IVF4096,PQ64" is silo-lm's; "auto": by size (auto_factory)
     nprobe: int = 8  # silo-lm probe
-    train_size: int = 1_000_000  # vectors sampled to train an IVF/PQ index (silo-lm sample_size)
+    train_size: int = 1_000_000  # vectors sampled to train an IVF/PQ index (silo-lm sample_size; >= 39 nlist)
     add_batch: int = 1_000_000  # vectors added per call (silo-lm num_keys_to_add_at_a_time)
     seed: int = 1  # sampling / training seed (silo-lm np.random.seed(1) before training)
 
@@ -410,8 +410,9 @@ def finalize(parts_dirs: list[str | os.PathLike], out: str | os.PathLike, config
         index = _new_index(factory, dim)
         if not index.is_trained:
             rng = np.random.default_rng(config.seed)
-            sample = np.sort(rng.choice(n, size=min(n, config.train_size), replace=False))
             nlist = getattr(faiss.extract_index_ivf(index), "nlist", 1)
+            want = max(config.train_size, 39 * nlist)  # faiss's k-means wants >= 39 points per centroid
+            sample = np.sort(rng.choice(n, size=min(n, want), replace=False))
             if len(sample) < nlist:
                 raise ConfigError(f"index {factory!r} needs at least {nlist} training vectors; the datastore "
                                   f"has {n}: use a smaller IVF (e.g. IVF{max(1, n // 39)},PQ..) or Flat")

@@ -22,6 +22,7 @@ Every stage writes into ``work`` and is skipped when its output is there, so an 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -103,7 +104,7 @@ def _train_job(cfg: ExperimentConfig, name: str) -> str:
     torch.set_num_threads(1)
     exp = SiloExperiment(cfg, echo=lambda *_: None)
     exp.prepare()
-    return str(exp.train_lm(name))
+    return str(exp.train_lm(name, progress=False))
 
 
 class SiloExperiment:
@@ -174,7 +175,7 @@ class SiloExperiment:
         return [d.text for d in sorted(both, key=lambda d: order_key(self.cfg.seed, d.id))]
 
     # 3: the two LMs
-    def train_lm(self, name: str) -> Path:
+    def train_lm(self, name: str, *, progress: bool = True) -> Path:
         """Train (or resume, or find) ``lm-permissive`` / ``lm-reference``; returns the exported model folder."""
         from lmlab.lm import data, models
         from lmlab.lm.train import TrainConfig, Trainer
@@ -190,10 +191,24 @@ class SiloExperiment:
         tcfg = TrainConfig(seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_steps=cfg.steps, lr=cfg.lr,
                            min_lr=cfg.lr / 10, warmup_steps=max(1, cfg.steps // 20), eval_every=0,
                            save_every=max(1, cfg.steps // 4), log_every=max(1, cfg.steps // 20), seed=cfg.seed)
-        trainer = Trainer(loaded.model, self.tok, train, tcfg, out / "run", validation=val, progress=False,
+        trainer = Trainer(loaded.model, self.tok, train, tcfg, out / "run", validation=val, progress=progress,
                           device=cfg.device)
         trainer.fit()
         return trainer.export()
+
+    def _train_progress(self, name: str) -> str:
+        """'lm-x: step s/N, loss l' from the run's metrics.jsonl (written by the Trainer in the other process)."""
+        import json
+
+        last = None
+        with contextlib.suppress(OSError):
+            for line in (self.work / name / "run" / "metrics.jsonl").read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    rec = json.loads(line)
+                    last = rec if "loss" in rec else last
+        if last is None:
+            return f"{name}: starting"
+        return f"{name}: step {last['step']}/{self.cfg.steps}, loss {last['loss']:.2f}"
 
     def train_lms(self) -> None:
         from lmlab.lm import models
@@ -206,10 +221,13 @@ class SiloExperiment:
                      f"{cfg.seq_len} tokens each){' in parallel' if cfg.parallel and len(todo) > 1 else ''}")
         if cfg.parallel and len(todo) > 1:
             import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
+            from concurrent.futures import ProcessPoolExecutor, wait
 
             with ProcessPoolExecutor(len(todo), mp_context=mp.get_context("spawn")) as pool:
-                for fut in [pool.submit(_train_job, cfg, n) for n in todo]:
+                futs = [pool.submit(_train_job, cfg, n) for n in todo]
+                while wait(futs, timeout=30).not_done:
+                    self.log("  " + " | ".join(self._train_progress(n) for n in todo))
+                for fut in futs:
                     fut.result()
         dirs = {n: self.train_lm(n) for n in names}
         self.param = models.load(str(dirs["lm-permissive"]), device=cfg.device)
