@@ -330,7 +330,7 @@ def format_table(table: dict, gaps: dict) -> str:
         lines.append(f"{label:32s}" + "".join(f"{table[d][key]:14.1f}" for d in doms))
     for key, label in (("knn_lm", "gap closed by kNN-LM"), ("ric_lm", "gap closed by RIC-LM")):
         lines.append(f"{label:32s}" + "".join(
-            f"{'n/a':>14s}" if math.isnan(gaps[d][key]) else f"{gaps[d][key]:14.0%}" for d in doms))
+            f"{'n/a':>14s}" if math.isnan(gaps[d][key]) else f"{round(gaps[d][key], 2) + 0.0:14.0%}" for d in doms))
     return "\n".join(lines)
 
 
