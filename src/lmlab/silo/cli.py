@@ -364,7 +364,7 @@ def pipeline_cmd(corpus_dir, model_spec, tokenizer, out, max_docs, window, promp
 def demo_cmd(work, corpus, max_mb_per_source, steps, preset, permissive_mb, restricted_mb, eval_tokens, sequential):
     """The flagship end to end: licensed corpus -> permissive LM + reference LM -> datastore -> table + attribution.
 
-    About 15 minutes on 2 cores at the defaults (`make demo`).
+    About 11 minutes on 2 cores at the defaults, install included (`make demo` from a fresh clone).
     """
     from lmlab.io import write_json_atomic
     from lmlab.silo.experiment import ExperimentConfig, SiloExperiment, format_table, with_overrides
