@@ -382,6 +382,8 @@ def demo_cmd(work, corpus, max_mb_per_source, steps, preset, permissive_mb, rest
                f"  {g.prompt}{g.text}")
     click.echo("\nwhere each generated token came from (top neighbour: document, licence, package, offset, share):")
     click.echo(format_attribution(g.tokens, max_tokens=16))
+    b = exp.tuned.best
     click.echo(f"\nall numbers: {Path(work) / 'results.json'}; serve it with `lmlab silo serve --datastore "
-               f"{exp.ds.folder} --model {exp.work / 'lm-permissive' / 'run' / 'model'}`; "
-               f"opt a document out with `lmlab silo optout --datastore {exp.ds.folder} --doc-id ID`")
+               f"{exp.ds.folder} --model {exp.work / 'lm-permissive' / 'run' / 'model'} --k {b.k} --temperature "
+               f"{b.temperature} --lmbda {b.lmbda}`; opt a document out with `lmlab silo optout --datastore "
+               f"{exp.ds.folder} --doc-id ID`")
