@@ -11,7 +11,16 @@ medians compared (ratio = ours / baseline time; < 1 is faster):
   dispatch tensors, GEGLU experts of equal parameter count, loop over experts). st-moe's capacity is
   int(c T / E) (not multiplied by k), so ours gets the same C via c = C E / (k T). Target <= 1.0.
 
-    python benchmarks/moe.py [--batch 16 --tokens 64 --dim 256 --experts 8 --repeats 7 --threads 1]
+Memory: each pair also records the minor page faults per fwd+bwd. With set-to-None gradients every step
+allocates its weight gradients afresh, and an 8-expert layer's are 8x the dense MLP's (16 MiB a step at the
+default shape); glibc hands such blocks back to the kernel when they are freed, so every step faults them in
+again one 4 KiB page at a time (~2 us a page on the 2-core dev VM: ~10 ms of a ~60 ms Soft MoE step). By
+default the benchmark therefore sets PyTorch's own switch THP_MEM_ALLOC_ENABLE=1 (c10's CPU allocator backs
+allocations of >= 2 MiB with transparent huge pages where the kernel allows it: up to 512x fewer faults) for
+the whole process, i.e. for baseline and ours alike, as a CPU training job can; --no-thp measures the
+allocator's default behaviour instead.
+
+    python benchmarks/moe.py [--batch 16 --tokens 64 --dim 256 --experts 8 --repeats 7 --threads 1] [--no-thp]
 """
 
 from __future__ import annotations
@@ -20,17 +29,25 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 
-import torch
+if "--no-thp" not in sys.argv:  # read by c10's allocator once, at its first allocation: set before importing torch
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from lmlab.io import write_json_atomic
-from lmlab.moe import DenseMLP, ExpertChoiceMoE, SoftMoE, TokenChoiceMoE
+import torch  # noqa: E402
+
+from lmlab.io import write_json_atomic  # noqa: E402
+from lmlab.moe import DenseMLP, ExpertChoiceMoE, SoftMoE, TokenChoiceMoE  # noqa: E402
 
 SOFT_TARGET = 1.3
 
 
 def fwd_bwd(layer, x, kind: str) -> None:
+    """One training step's forward and backward: gradients start from None, as after PyTorch's default
+    ``optimizer.zero_grad()`` (``set_to_none=True``); accumulating into old gradients would add a pass over
+    every parameter (8x more of them in an 8-expert layer) that no training step makes."""
+    layer.zero_grad(set_to_none=True)
     if kind == "lmlab":
         out = layer(x)
         loss = out.y.square().mean() + out.aux_loss
@@ -47,25 +64,36 @@ def sync(x) -> None:
         torch.cuda.synchronize()
 
 
+def minor_faults() -> int:
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_pair(base, base_kind, ours, x, *, repeats: int, inner: int) -> dict:
     layers = {"baseline": (base, base_kind), "ours": (ours, "lmlab")}
     for layer, kind in layers.values():  # warm-up
         for _ in range(2):
             fwd_bwd(layer, x, kind)
     times = {"baseline": [], "ours": []}
+    faults = {"baseline": 0, "ours": 0}
     for r in range(repeats):
         order = ("baseline", "ours") if r % 2 == 0 else ("ours", "baseline")
         for name in order:
             layer, kind = layers[name]
             sync(x)
-            t0 = time.perf_counter()
+            f0, t0 = minor_faults(), time.perf_counter()
             for _ in range(inner):
                 fwd_bwd(layer, x, kind)
             sync(x)
             times[name].append((time.perf_counter() - t0) / inner)
+            faults[name] += minor_faults() - f0
     b, o = statistics.median(times["baseline"]), statistics.median(times["ours"])
     return {"baseline_s": b, "ours_s": o, "ratio": o / b, "baseline_rounds": times["baseline"],
-            "ours_rounds": times["ours"]}
+            "ours_rounds": times["ours"], "baseline_page_faults_per_call": faults["baseline"] / (repeats * inner),
+            "ours_page_faults_per_call": faults["ours"] / (repeats * inner)}
 
 
 def main() -> None:
@@ -79,8 +107,11 @@ def main() -> None:
     ap.add_argument("--inner", type=int, default=3, help="fwd+bwd calls per timed round")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--no-thp", action="store_true",
+                    help="leave THP_MEM_ALLOC_ENABLE unset (fresh 4 KiB pages for every step's large tensors)")
     ap.add_argument("--out", default="results/bench_moe.json")
     args = ap.parse_args()
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     b, t, d, e = args.batch, args.tokens, args.dim, args.experts
@@ -121,7 +152,8 @@ def main() -> None:
 
     for name, p in pairs.items():
         print(f"{name:34s} baseline {p['baseline_s'] * 1e3:8.2f} ms  ours {p['ours_s'] * 1e3:8.2f} ms  "
-              f"ratio {p['ratio']:.2f}")
+              f"ratio {p['ratio']:.2f}  page faults/call {p['baseline_page_faults_per_call']:.0f} vs "
+              f"{p['ours_page_faults_per_call']:.0f}")
     device_name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     soft_ratio = pairs["soft_vs_dense"]["ratio"]
     peer_ratios = {k: v["ratio"] for k, v in pairs.items() if "pytorch" in k}
@@ -134,16 +166,18 @@ def main() -> None:
         "ours": f"soft/dense {soft_ratio:.2f}x, token-choice/dense {pairs['token_choice_vs_dense']['ratio']:.2f}x, "
                 f"expert-choice/dense {pairs['expert_choice_vs_dense']['ratio']:.2f}x; "
                 + ", ".join(f"{k.split('_vs_')[1]} {v:.2f}x" for k, v in peer_ratios.items())
-                + f" (B={b}, T={t}, D={d}, H={h}, E={e}, {device_name}, {args.threads} thread(s), fwd+bwd medians)",
+                + f" (B={b}, T={t}, D={d}, H={h}, E={e}, {device_name}, {args.threads} thread(s), fwd+bwd medians, "
+                + ("THP_MEM_ALLOC_ENABLE=1)" if thp else "default allocator, no THP)"),
         "command": "`python benchmarks/moe.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out") + "`",
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "no_thp"))
+                   + (" --no-thp" if args.no_thp else "") + "`",
         "reproduced": ("yes" if ok_soft and ok_peers else "partly" if ok_soft or ok_peers else "no")
                       + f": soft target {'met' if ok_soft else 'missed'}; peers "
                       + ("no slower" if ok_peers else "faster on some pair"),
     }
     write_json_atomic(args.out, {
         "benchmark": "moe", "summary": summary, "config": vars(args), "pairs": pairs, "peers": peers,
-        "env": {"torch": torch.__version__, "device": device_name,
+        "env": {"torch": torch.__version__, "device": device_name, "THP_MEM_ALLOC_ENABLE": thp,
                 "threads": torch.get_num_threads(), "machine": platform.machine(),
                 "python": platform.python_version()},
     })

@@ -9,6 +9,7 @@ Install: ``apt-get install -y dataset-fashion-mnist`` (files land in /usr/share/
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import struct
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lmlab.errors import DataError
+from lmlab.errors import ConfigError, DataError
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 INSTALL = "apt-get install -y dataset-fashion-mnist"
@@ -107,3 +108,21 @@ def load_fashion_mnist(root: str | os.PathLike | None = None, *, val_size: int =
         val=ImageSplit(full.images[val_idx], full.labels[val_idx]),
         test=test,
     )
+
+
+@functools.lru_cache(maxsize=4)
+def cached_fashion_mnist(root: str | None, val_size: int = 5000, train_size: int | None = None):
+    """:func:`load_fashion_mnist` (seed 0) loaded once per process: recipes run many trainings per worker."""
+    return load_fashion_mnist(root, val_size=val_size, seed=0, train_size=train_size)
+
+
+def prepare_recipe_data(root: str | None, val_size: int, train_size: int | None, *, workers: int,
+                        threads: int) -> None:
+    """A recipe's start: check ``workers``, set torch's threads (one per worker when there are several) and
+    load Fashion-MNIST once, so a missing dataset fails here with the install command, before any worker."""
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    torch.set_num_threads(threads if workers == 1 else 1)
+    cached_fashion_mnist(root, val_size, train_size)
+    if workers > 1:
+        cached_fashion_mnist.cache_clear()  # each worker process loads its own copy

@@ -21,6 +21,14 @@ smaller (the same product). The number of slots is fixed at construction (``slot
 Soft MoE is not causal: each slot mixes all tokens of the sequence, so token t's output depends on later
 tokens. ``forward(..., causal=True)`` raises :class:`~lmlab.errors.ConfigError` rather than leak the future.
 
+Cost (benchmarks/moe.py, CPU, B=16 T=64 D=256 E=8 S=8, one thread; torch.profiler): the experts' matmuls are
+~80% of a fwd+bwd. Against a dense MLP of equal active parameters the extra work is (a) the gradient w.r.t. the
+experts' inputs (the slots depend on the router, so it is needed even when x needs no gradient), (b) the
+experts' weight gradients, 8x the dense MLP's and reduced over only B*S rows, whose fresh buffers page-fault
+in every step unless the allocator keeps them (THP_MEM_ALLOC_ENABLE=1: ~10 ms of ~60 ms here), and (c) routing:
+logits, two softmaxes and the dispatch/combine bmm's with their backward (~10%), plus two (B, E*S, D) <->
+(E, B*S, D) layout copies each way (~3%; unavoidable for S > 1 without reordering the slots).
+
 Official code: google-research/vmoe, ``vmoe/projects/soft_moe/router.py`` (JAX). PyTorch port:
 lucidrains/soft-moe-pytorch (RMSNorm with learnable per-feature gains on X and Phi, i.e. logits = D * cos at
 init, and dispatches the *normalised* X; tests/moe/test_soft_moe.py shows where the two coincide).
