@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from lmlab.io import write_json_atomic
+from lmlab.io import invocation, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
                         "at k=1024 <= 1.5x parametric eval",
                "paper": "no speed figure in the paper (issue 4's targets)",
                "ours": ours,
-               "command": "nice -n 10 python benchmarks/silo.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "command": invocation(argv),
                "reproduced": reproduced + (": " + "; ".join(why) if why else ": both targets met")}
     result = {"summary": summary, "config": vars(args),
               "environment": {"python": platform.python_version(), "torch": torch.__version__,

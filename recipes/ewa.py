@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -32,10 +31,10 @@ from pathlib import Path
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.io import write_json_atomic
+from lmlab.io import invocation, write_json_atomic
 from lmlab.moe import MoEConfig, ViT, ViTConfig, collapse_experts
 from lmlab.moe.data import cached_fashion_mnist, prepare_recipe_data
-from lmlab.moe.train import TrainConfig, evaluate, run_jobs, train_classifier
+from lmlab.moe.train import TrainConfig, add_vit_recipe_arguments, evaluate, run_jobs, train_classifier
 
 
 def dataset(args):
@@ -72,26 +71,9 @@ def run(method: str, seed: int, beta: float, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--batch-size", type=int, default=128)
+    add_vit_recipe_arguments(ap, experts=4, out="results/ewa.json")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--beta-grid", type=float, nargs="+", default=[0.1, 0.3, 0.5])
-    ap.add_argument("--experts", type=int, default=4)
-    ap.add_argument("--moe-layers", type=int, default=2, help="EWA MoEs in the last this-many blocks")
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--patch-size", type=int, default=7)
-    ap.add_argument("--val-size", type=int, default=5000)
-    ap.add_argument("--train-size", type=int, default=None)
-    ap.add_argument("--workers", type=int, default=2, help="parallel runs, one process and one thread each")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads with --workers 1")
-    ap.add_argument("--progress", action="store_true")
-    ap.add_argument("--out", default="results/ewa.json")
-    ap.add_argument("--resummarize", action="store_true",
-                    help="only recompute the summary of --out from its per-seed rows (no training)")
     args = ap.parse_args()
     if args.resummarize:  # recompute the summary from the per-seed rows already in --out (no training)
         old = json.loads(Path(args.out).read_text())
@@ -118,8 +100,7 @@ def main() -> None:
         for seed, row in zip(args.seeds, vanilla, strict=True):
             rows += [row] if seed == first else [row, next(ewa)]
         config = {k: v for k, v in vars(args).items() if k != "resummarize"}
-        nice = os.nice(0)
-        command = (f"nice -n {nice} " if nice else "") + "python " + shlex.join(sys.argv)
+        command = invocation()
         result = summarize(rows, [{"beta": r["beta"], "val_accuracy": r["val_accuracy"]} for r in tuning], beta,
                            config, f"`{command}`")
         result["wall_seconds"] = time.perf_counter() - t0

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from lmlab.io import write_json_atomic
+from lmlab.io import invocation, write_json_atomic
 
 PAPER = {"gap_closed_knn": "up to 90% (abstract; Fig. 2 / Table 3: kNN-LM closes most of the PD/SW-to-Pythia gap "
                            "out of domain)", "ric_vs_knn": "RIC-LM helps but less than kNN-LM (Sec. 5.1)",
@@ -206,8 +206,7 @@ def main(argv=None) -> int:
                 log("matplotlib is not installed: no plot")
                 args.plot = None
 
-        summary = make_summary(table, gaps, smol, "nice -n 10 python recipes/silo.py " +
-                               " ".join(sys.argv[1:] if argv is None else argv))
+        summary = make_summary(table, gaps, smol, invocation(argv))
         result = {
             "summary": summary, "paper": PAPER,
             "config": vars(args), "pools_mb": exp.pool_mb,

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -32,10 +31,10 @@ from pathlib import Path
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.io import write_json_atomic
+from lmlab.io import invocation, write_json_atomic
 from lmlab.moe import MoEConfig, ViT, ViTConfig
 from lmlab.moe.data import cached_fashion_mnist, prepare_recipe_data
-from lmlab.moe.train import TrainConfig, evaluate, run_jobs, train_classifier
+from lmlab.moe.train import TrainConfig, add_vit_recipe_arguments, evaluate, run_jobs, train_classifier
 
 KINDS = ("dense", "soft", "token_choice", "expert_choice")
 
@@ -104,26 +103,9 @@ def run(kind: str, seed: int, lr: float, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_vit_recipe_arguments(ap, experts=8, out="results/soft_moe.json")
     ap.add_argument("--lr-grid", type=float, nargs="+", default=[1e-3, 2e-3])
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--patch-size", type=int, default=7, help="7: 16 tokens (fast); 4: 49 tokens")
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--moe-layers", type=int, default=2)
-    ap.add_argument("--val-size", type=int, default=5000)
-    ap.add_argument("--train-size", type=int, default=None)
-    ap.add_argument("--workers", type=int, default=2, help="parallel runs, one process and one thread each")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads with --workers 1")
-    ap.add_argument("--progress", action="store_true")
-    ap.add_argument("--out", default="results/soft_moe.json")
-    ap.add_argument("--resummarize", action="store_true",
-                    help="only recompute the summary of --out from its per-seed rows (no training)")
     args = ap.parse_args()
     if args.resummarize:  # recompute the summary from the per-seed rows already in --out (no training)
         old = json.loads(Path(args.out).read_text())
@@ -145,8 +127,7 @@ def main() -> None:
                 if not (kind == "dense" and seed == args.seeds[0])]
         rows = ([best] if "dense" in args.kinds else []) + run_jobs(run, jobs, workers=args.workers)
         config = {k: v for k, v in vars(args).items() if k != "resummarize"}
-        nice = os.nice(0)
-        command = (f"nice -n {nice} " if nice else "") + "python " + shlex.join(sys.argv)
+        command = invocation()
         result = summarize(rows, [{"lr": r["lr"], "val_accuracy": r["val_accuracy"]} for r in tuning], lr, config,
                            f"`{command}`")
         result["wall_seconds"] = time.perf_counter() - t0

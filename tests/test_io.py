@@ -46,3 +46,17 @@ def test_missing_or_broken_manifest_is_one_clear_error(tmp_path):
 def test_write_json_atomic(tmp_path):
     write_json_atomic(tmp_path / "d" / "r.json", {"b": 1, "a": [1, 2]})
     assert json.loads((tmp_path / "d" / "r.json").read_text()) == {"a": [1, 2], "b": 1}
+
+
+def test_invocation_records_the_real_niceness_and_arguments(monkeypatch):
+    import os
+    import sys
+
+    from lmlab.io import invocation
+
+    monkeypatch.setattr(sys, "argv", ["recipes/x.py", "--out", "a b.json"])
+    monkeypatch.setattr(os, "nice", lambda inc: 0)
+    assert invocation() == "python recipes/x.py --out 'a b.json'"
+    assert invocation(["--k", "4"]) == "python recipes/x.py --k 4"
+    monkeypatch.setattr(os, "nice", lambda inc: 10)
+    assert invocation([]) == "nice -n 10 python recipes/x.py"

@@ -107,3 +107,16 @@ def read_manifest(folder: str | os.PathLike, *, verify: bool = False) -> dict:
             if "sha256" in meta and sha256_file(p) != meta["sha256"]:
                 raise DataError(f"{p} does not match its checksum in {path}: the file was changed or corrupted")
     return manifest
+
+
+def invocation(argv: list[str] | None = None) -> str:
+    """How this script was run, for a results file's ``command``: ``[nice -n N ]python SCRIPT ARGS``.
+
+    The niceness is read from the process (not assumed), so a recorded command says what really ran.
+    """
+    import shlex
+    import sys
+
+    nice = os.nice(0)
+    args = sys.argv[1:] if argv is None else list(argv)
+    return (f"nice -n {nice} " if nice else "") + "python " + shlex.join([sys.argv[0], *args])

@@ -105,3 +105,15 @@ def test_prepare_recipe_data(fake_fashion_mnist, tmp_path):
     finally:
         torch.set_num_threads(threads)
         cached_fashion_mnist.cache_clear()
+
+
+def test_vit_recipe_arguments_defaults_and_overrides():
+    import argparse
+
+    from lmlab.moe.train import add_vit_recipe_arguments
+
+    ap = argparse.ArgumentParser()
+    add_vit_recipe_arguments(ap, experts=4, out="results/x.json")
+    args = ap.parse_args([])
+    assert (args.experts, args.out, args.workers, args.seeds, args.steps) == (4, "results/x.json", 2, [0, 1, 2], 500)
+    assert ap.parse_args(["--workers", "1", "--seeds", "3"]).seeds == [3]

@@ -50,8 +50,9 @@ class SplitReport:
     bytes_per_class: dict[str, dict[str, int]]  # split -> licence class -> bytes
 
 
-def _order_key(seed: int, group: str) -> str:
-    return hashlib.blake2b(f"{seed}\0{group}".encode(), digest_size=8).hexdigest()
+def seeded_order_key(seed: int, name: str) -> str:
+    """A reproducible pseudo-random sort key for ``name`` under ``seed`` (shuffles groups or documents)."""
+    return hashlib.blake2b(f"{seed}\0{name}".encode(), digest_size=8).hexdigest()
 
 
 def assign_groups(group_bytes: dict[str, int], strata: dict[str, str], config: SplitConfig) -> dict[str, str]:
@@ -65,7 +66,7 @@ def assign_groups(group_bytes: dict[str, int], strata: dict[str, str], config: S
     for _, groups in sorted(pools.items()):
         total = sum(max(group_bytes[g], 1) for g in groups)
         filled = dict.fromkeys(SPLITS, 0)
-        for group in sorted(groups, key=lambda g: _order_key(config.seed, g)):
+        for group in sorted(groups, key=lambda g: seeded_order_key(config.seed, g)):
             # the split furthest below its target share of this pool (ties: train, validation, test)
             split = max(candidates, key=lambda s: (fraction[s] * total - filled[s], -SPLITS.index(s)))
             assignment[group] = split

@@ -169,3 +169,26 @@ def run_jobs(fn: Callable, jobs: Sequence[tuple], *, workers: int = 1, initializ
 
 def train_config_dict(config: TrainConfig) -> dict:
     return asdict(config)
+
+
+def add_vit_recipe_arguments(ap, *, experts: int, out: str) -> None:
+    """The flags the ViT recipes (``recipes/soft_moe.py``, ``recipes/ewa.py``) share: data, schedule, seeds,
+    model size, workers and output; each recipe adds its own grid (learning rates, share rates, kinds)."""
+    ap.add_argument("--data", default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--patch-size", type=int, default=7, help="7: 16 tokens (fast); 4: 49 tokens")
+    ap.add_argument("--experts", type=int, default=experts)
+    ap.add_argument("--moe-layers", type=int, default=2, help="MoE MLPs in the last this-many blocks")
+    ap.add_argument("--val-size", type=int, default=5000)
+    ap.add_argument("--train-size", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=2, help="parallel runs, one process and one thread each")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads with --workers 1")
+    ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--resummarize", action="store_true",
+                    help="only recompute the summary of --out from its per-seed rows (no training)")

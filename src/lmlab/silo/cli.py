@@ -328,8 +328,8 @@ def pipeline_cmd(corpus_dir, model_spec, tokenizer, out, max_docs, window, promp
                "test_tokens": res.n_tokens, "test_ppl_lm": res.ppl_lm, "test_ppl_knn": res.ppl,
                "test_ppl_ric": ric_res.ppl, "sample": {"prompt": prompt, "text": g.text}}
     if reference_spec:
+        from lmlab.lm.data import tokenizer_fingerprint
         from lmlab.lm.score import perplexity
-        from lmlab.silo.datastore import tokenizer_fingerprint
         from lmlab.silo.experiment import gap_closed
 
         ref = _load_model(reference_spec, tokenizer)

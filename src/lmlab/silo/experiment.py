@@ -23,7 +23,6 @@ Every stage writes into ``work`` and is skipped when its output is there, so an 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import time
@@ -31,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from lmlab.corpus.split import seeded_order_key
 from lmlab.errors import ConfigError, DataError
 
 PERMISSIVE = ("public_domain", "permissive_sw")
@@ -63,13 +63,9 @@ class ExperimentConfig:
     device: str | None = None  # default: cuda when available
 
 
-def order_key(seed: int, doc_id: str) -> str:
-    return hashlib.blake2b(f"{seed}\0{doc_id}".encode(), digest_size=8).hexdigest()
-
-
 def take(corpus, classes, max_mb: float, seed: int) -> list:
     """Documents of the given classes in a seeded order, up to ``max_mb`` of text (whole documents)."""
-    docs = sorted(corpus.filter(license_classes=list(classes)), key=lambda d: order_key(seed, d.id))
+    docs = sorted(corpus.filter(license_classes=list(classes)), key=lambda d: seeded_order_key(seed, d.id))
     out, total = [], 0
     for d in docs:
         if total >= max_mb * 1e6:
@@ -172,7 +168,7 @@ class SiloExperiment:
         if name == "lm-permissive":
             return [d.text for d in perm]
         both = perm + self.pools["restricted_train"]
-        return [d.text for d in sorted(both, key=lambda d: order_key(self.cfg.seed, d.id))]
+        return [d.text for d in sorted(both, key=lambda d: seeded_order_key(self.cfg.seed, d.id))]
 
     # 3: the two LMs
     def train_lm(self, name: str, *, progress: bool = True) -> Path:
