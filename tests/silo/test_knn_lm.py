@@ -35,6 +35,10 @@ def test_distribution_invariants():
     torch.testing.assert_close(full.exp().sum(-1), torch.ones(5))
     tg = torch.randint(0, 11, (5,), generator=g)
     torch.testing.assert_close(knn_target_logprob(logw, vals, tg), full.gather(1, tg[:, None]).squeeze(1))
+    from lmlab.silo.knn_lm import knn_target_logprob_from_distances  # the evaluation's fused form: same numbers
+
+    torch.testing.assert_close(knn_target_logprob_from_distances(D, vals, tg, 2.0), knn_target_logprob(logw, vals, tg))
+    assert torch.isnan(knn_target_logprob_from_distances(torch.full((1, 3), float("inf")), vals[:1, :3], tg[:1], 1.0))
     lp_lm = torch.log_softmax(torch.randn(5, 11, generator=g), -1)
     mix = interpolate(lp_lm, full, 0.3)
     torch.testing.assert_close(mix.exp(), 0.7 * lp_lm.exp() + 0.3 * full.exp())
