@@ -16,6 +16,9 @@ Both sides run in this one process, alternating rounds; we print the ratios (med
     python benchmarks/silo.py                                # ~10 min on 2 cores (encodes a 1M-entry store)
     python benchmarks/silo.py --store-tokens 200000 --factory IVF256,PQ32x4fs --rounds 1   # quick
     python benchmarks/silo.py --factory IVF1024,PQ32        # silo-lm's 8-bit PQ (slower search)
+    # the target measured on a real pretrained LM (SmolLM2-135M keys; the store build takes ~35 min on 2 cores):
+    python benchmarks/silo.py --model smollm2-135m --text CORPUS --store-stride 512 --build-tokens 8192 \
+        --out results/bench_silo_smollm2.json
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--factory", default="IVF1024,PQ32x4fs",
                    help="faiss index of the eval store (x4fs: 4-bit fast-scan PQ, ~5x faster to search at k=1024 "
                         "than 8-bit PQ32 on this CPU)")
+    p.add_argument("--store-stride", type=int, default=None,
+                   help="stride of the store build (default: window/2; = window halves the build's forward work)")
     p.add_argument("--train-size", type=int, default=65536)
     p.add_argument("--nprobe", type=int, default=8)
     p.add_argument("--k", type=int, default=1024)
@@ -108,7 +113,8 @@ def main(argv=None) -> int:
 
     loaded = models.load(args.model, seed=0)
     tok = loaded.tokenizer
-    corpus = texts(int(1.3 * (args.store_tokens + args.eval_tokens + args.build_tokens)), args.text)
+    bytes_per_token = len(__doc__.encode()) / len(tok(__doc__, add_special_tokens=False)["input_ids"])
+    corpus = texts(int(1.3 * bytes_per_token * (args.store_tokens + args.eval_tokens + args.build_tokens)), args.text)
     ids_all = []
     for t in corpus:
         ids_all.extend(tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
@@ -148,7 +154,7 @@ def main(argv=None) -> int:
                 for i in range(0, len(store_ids), chunk)]
         t = time.perf_counter()
         ds = build_datastore(docs, loaded, store_dir, DatastoreConfig(
-            window=W, stride=S, batch_size=args.batch_size, docs_per_chunk=4, factory=args.factory,
+            window=W, stride=args.store_stride or S, batch_size=args.batch_size, docs_per_chunk=4, factory=args.factory,
             nprobe=args.nprobe, train_size=args.train_size))
         print(f"store: {ds.n_entries:,} entries in {time.perf_counter() - t:.0f} s", flush=True)
     eval_ids = torch.tensor(ids_all[-args.eval_tokens:])  # the end of the text: not in the store
@@ -169,7 +175,7 @@ def main(argv=None) -> int:
     stats = ds.stats()
 
     smol = None
-    if args.smollm2_tokens and models.is_available("smollm2-135m"):
+    if args.smollm2_tokens and args.model != "smollm2-135m" and models.is_available("smollm2-135m"):
         sm = models.load("smollm2-135m")
         x = torch.tensor(ids_all[:args.smollm2_tokens]) % sm.model.config.vocab_size
         perplexity(sm.model, x[:32], window=32, stride=32)  # warm-up

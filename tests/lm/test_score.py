@@ -125,6 +125,22 @@ def test_window_logprobs_align_with_targets(tiny, ids60):
         torch.testing.assert_close(torch.log_softmax(relogits, -1), r.logprobs, atol=1e-5, rtol=0)
 
 
+def test_window_hidden_states_without_the_head(tiny, ids60):
+    kw = dict(window=16, stride=8, batch_size=4, output_hidden_states=True)
+    full = list(score.iter_window_logprobs(tiny.model, ids60, **kw))
+    head_rows = []
+    handle = tiny.model.lm_head.register_forward_hook(lambda m, i, o: head_rows.append(o.shape[1]))
+    try:
+        bare = list(score.iter_window_logprobs(tiny.model, ids60, logprobs=False, **kw))
+    finally:
+        handle.remove()
+    assert head_rows and set(head_rows) == {1}  # the LM head ran on one position per batch, not the window
+    assert [r.window for r in bare] == [r.window for r in full]
+    for a, b in zip(full, bare, strict=True):
+        assert b.logprobs is None and torch.equal(a.target_ids, b.target_ids)
+        torch.testing.assert_close(a.hidden_states, b.hidden_states)
+
+
 def test_token_logprobs_left_padding_matches_unpadded(tiny, ids60):
     a, b = ids60[:20], ids60[30:42]
     plain_a = score.token_logprobs(tiny.model, a[None])[0]

@@ -76,7 +76,7 @@ class WindowLogprobs:
 
     window: Window
     target_ids: torch.Tensor  # (n_scored,) = ids[window.targets]
-    logprobs: torch.Tensor  # (n_scored, V) float32 log-softmax over the vocabulary, predicting target_ids
+    logprobs: torch.Tensor | None  # (n_scored, V) float32 log-softmax predicting target_ids (None: logprobs=False)
     hidden_states: torch.Tensor | None  # (n_scored, D) last-layer states that produced those logits, or None
 
 
@@ -163,7 +163,7 @@ def sliding_windows(n_tokens: int, *, window: int, stride: int) -> list[Window]:
 def iter_window_logprobs(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[int], *,
                          window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE,
                          batch_size: int = DEFAULT_BATCH_SIZE, output_hidden_states: bool = False,
-                         progress: bool = False) -> Iterator[WindowLogprobs]:
+                         logprobs: bool = True, progress: bool = False) -> Iterator[WindowLogprobs]:
     """Yield :class:`WindowLogprobs` for every window of ``input_ids`` in order, one forward per batch.
 
     Windows are taken ``batch_size`` at a time; all but the last window read exactly ``window`` tokens, and
@@ -172,6 +172,9 @@ def iter_window_logprobs(model: torch.nn.Module, input_ids: torch.Tensor | Seque
     Logits are computed only for the positions some window in the batch scores (``logits_to_keep`` where the
     model supports it) and log-softmaxed in float32. ``output_hidden_states`` adds ``hidden_states[-1]``
     (for HF Llama: after the final norm, the vector the LM head reads; kNN-LM's key/query).
+    ``logprobs=False`` skips the LM head and the softmax (``logits_to_keep=1``) and yields ``logprobs=None``: for
+    callers that only need hidden states or hooked activations (a datastore build; the head of a 49k-token
+    vocabulary is a fifth of SmolLM2-135M's forward).
     Yielded tensors are views into the batch's tensors and carry no gradients. Peak memory is about
     2 x batch_size x kept positions x V floats (logits and log-probabilities): lower batch_size for big vocabularies.
     """
@@ -194,17 +197,18 @@ def iter_window_logprobs(model: torch.nn.Module, input_ids: torch.Tensor | Seque
             x = torch.stack([F.pad(ids[w.inputs], (0, length - w.n_inputs)) for w in group])  # (b, length)
             kwargs: dict = {}
             if keep_supported:
-                kwargs["logits_to_keep"] = keep
+                kwargs["logits_to_keep"] = keep if logprobs else 1
             if output_hidden_states:
                 kwargs["output_hidden_states"] = True
             with torch.no_grad():
                 out = model(x, **kwargs)
-                logprobs = torch.log_softmax(out.logits[:, -keep:].float(), dim=-1)  # (b, k, V)
+                lps = torch.log_softmax(out.logits[:, -keep:].float(), dim=-1) if logprobs else None  # (b, k, V)
             hidden = out.hidden_states[-1][:, -keep:] if output_hidden_states else None  # (b, k, D)
             for row, w in enumerate(group):
                 lo = w.score_from - 1 - w.begin - first
                 rows = slice(lo, lo + w.n_scored)
-                yield WindowLogprobs(window=w, target_ids=ids[w.targets], logprobs=logprobs[row, rows],
+                yield WindowLogprobs(window=w, target_ids=ids[w.targets],
+                                     logprobs=None if lps is None else lps[row, rows],
                                      hidden_states=None if hidden is None else hidden[row, rows])
             bar.update(len(group))
 

@@ -179,14 +179,17 @@ class ScoredKeys:
 
 
 def iter_scored_keys(model, ids, *, key_point: str = "final", window: int = 1024, stride: int = 512,
-                     batch_size: int = 8, progress: bool = False) -> Iterator[ScoredKeys]:
-    """``lmlab.lm.score.iter_window_logprobs`` plus the key of every scored position (keys at ``key_point``)."""
+                     batch_size: int = 8, logprobs: bool = True, progress: bool = False) -> Iterator[ScoredKeys]:
+    """``lmlab.lm.score.iter_window_logprobs`` plus the key of every scored position (keys at ``key_point``).
+
+    ``logprobs=False`` (a datastore build) skips the LM head: ``ScoredKeys.logprobs`` is then None.
+    """
     from lmlab.lm.score import iter_window_logprobs
 
     module, where = parse_key_point(key_point)
     if module == "final":
         for wl in iter_window_logprobs(model, ids, window=window, stride=stride, batch_size=batch_size,
-                                       output_hidden_states=True, progress=progress):
+                                       output_hidden_states=True, logprobs=logprobs, progress=progress):
             yield ScoredKeys(wl.window, wl.target_ids, wl.logprobs, wl.hidden_states)
         return
     from lmlab.lm.hooks import capture
@@ -194,7 +197,7 @@ def iter_scored_keys(model, ids, *, key_point: str = "final", window: int = 1024
     with capture(model, module, what=where) as cap:
         seen, row = None, 0
         for wl in iter_window_logprobs(model, ids, window=window, stride=stride, batch_size=batch_size,
-                                       progress=progress):
+                                       logprobs=logprobs, progress=progress):
             batch = cap[module]  # (b, T, D): the batch this window came from
             if batch is not seen:
                 seen, row = batch, 0
@@ -298,7 +301,7 @@ def encode_parts(docs: Iterable, loaded, parts_dir: str | os.PathLike, config: D
             if len(ids) >= 2:
                 for sk in iter_scored_keys(model, torch.as_tensor(ids), key_point=config.key_point,
                                            window=config.window, stride=config.stride,
-                                           batch_size=config.batch_size):
+                                           batch_size=config.batch_size, logprobs=False):
                     w = sk.window
                     keys.append(sk.keys.float().cpu().numpy().astype(np.float16))
                     values.append(ids[w.score_from:w.end])
