@@ -59,6 +59,27 @@ def test_every_policy_and_tier_gives_identical_tokens_and_logits(setup, batch):
     assert not _prefetch_threads()
 
 
+@pytest.mark.parametrize("policy", ["resident", "pregated"])
+def test_unequal_prompts_continue_as_they_would_alone(setup, policy):
+    model, path = setup
+    prompts = [[3, 14, 15, 9, 2, 6], [7, 1, 8], [2, 7, 1, 8]]
+    alone = [_gen(model, path, "resident", prompt=torch.tensor([q]), n=5) for q in prompts]
+    with OffloadEngine(model, path, tier=make_tier("mmap"),
+                       config=OffloadConfig(policy=policy, max_batch=3)) as eng:
+        asked, ensure = [], eng.ensure
+        eng.ensure = lambda layer, experts: asked.append(list(experts)) or ensure(layer, experts)
+        r = eng.generate(prompts, 5, return_logits=True)
+    # step 0 has one real row (the others are padding): each block asks for only that row's k experts
+    k, layers = model.config.num_experts_per_tok, model.config.num_hidden_layers
+    assert all(len(a) <= k for a in asked[:layers]) and any(len(a) > k for a in asked[3 * layers:])
+    for row, a in enumerate(alone):
+        assert torch.equal(r.tokens[row], a.tokens[0]), row
+        for got, want in zip(r.logits, a.logits, strict=True):
+            torch.testing.assert_close(got[row], want[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError), OffloadEngine(model, path, config=OffloadConfig(max_batch=2)) as eng:
+        eng.generate([[1, 2], []], 2)
+
+
 def test_engine_matches_full_forward(setup):
     model, path = setup
     prompt = torch.tensor([[3, 14, 15, 9, 2, 6]])
@@ -294,3 +315,10 @@ def test_generate_command(tmp_path):
     d = json.loads(out.stdout)
     assert d["new_tokens"] == 4 and d["policy"] == "pregated" and d["misses_per_block"][1:] == [0, 0]
     assert (tmp_path / "m" / "experts.safetensors").is_file()
+    out = CliRunner().invoke(generate_cmd, [str(tmp_path / "m"), "--prompt", "hello there", "--prompt", "hi",
+                                            "--max-new-tokens", "3", "--policy", "on_demand"])
+    assert out.exit_code == 0, out.output
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("hello there") and lines[1].startswith("hi")
+    out = CliRunner().invoke(generate_cmd, [str(tmp_path / "m"), "--prompt", ""])
+    assert out.exit_code != 0 and "at least one token" in out.output

@@ -13,7 +13,8 @@ import click
 
 @click.command("generate")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--prompt", "prompts", required=True, multiple=True,
+              help="Text to continue; repeat for a batch (any lengths: left-padded).")
 @click.option("--max-new-tokens", default=32, show_default=True)
 @click.option("--policy", type=click.Choice(["resident", "on_demand", "prefetch_all", "pregated"]),
               default="pregated", show_default=True)
@@ -24,7 +25,7 @@ import click
 @click.option("--store", type=click.Path(), default=None,
               help="Expert store (default MODEL_DIR/experts.safetensors, written from the model if missing).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def generate_cmd(model_dir, prompt, max_new_tokens, policy, tier, gbps, latency_us, lru_slots, store, as_json):
+def generate_cmd(model_dir, prompts, max_new_tokens, policy, tier, gbps, latency_us, lru_slots, store, as_json):
     """Generate with experts streamed from a safetensors store (policies: resident/on_demand/prefetch_all/pregated)."""
     import torch
     from transformers import AutoTokenizer
@@ -39,19 +40,22 @@ def generate_cmd(model_dir, prompt, max_new_tokens, policy, tier, gbps, latency_
     store_path = Path(store) if store else Path(model_dir) / "experts.safetensors"
     if not store_path.exists():
         save_expert_store(model, store_path)
-    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if not all(ids):
+        raise click.UsageError("every --prompt needs at least one token")
     device = "cuda" if tier == "cuda" else "cpu"
-    cfg = OffloadConfig(policy=policy, lru_slots=lru_slots, device=device)
+    cfg = OffloadConfig(policy=policy, lru_slots=lru_slots, max_batch=len(ids), device=device)
     with torch.no_grad(), OffloadEngine(model, store_path, tier=make_tier(tier, gbps=gbps, latency_us=latency_us),
                                         config=cfg) as eng:
         res = eng.generate(ids, max_new_tokens)
     m = res.metrics
     if as_json:
         d = m.to_dict()
-        d["text"] = tok.decode(res.tokens[0])
+        d["texts"] = [tok.decode(row) for row in res.tokens]
         click.echo(json.dumps(d, indent=2))
         return
-    click.echo(prompt + tok.decode(res.tokens[0]))
+    for prompt, row in zip(prompts, res.tokens, strict=True):
+        click.echo(prompt + tok.decode(row))
     stall = "-" if m.stall_s is None else f"{m.stall_per_step_s * 1e3:.2f} ms/step"
     click.echo(f"[{policy} / {tier}] {m.median_latency_s * 1e3:.2f} ms/token, {m.tokens_per_s:.1f} tokens/s, "
                f"peak {m.peak_resident_experts} experts ({m.peak_resident_bytes / 1e6:.1f} MB), "

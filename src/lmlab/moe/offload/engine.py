@@ -27,9 +27,13 @@ the wait as stall; a queued prefetch the thread has not started yet is run by th
 the same expert arithmetic in the same order (:meth:`OffloadEngine._moe`), so for the same routing the outputs
 are bitwise identical across policies and tiers on one device (tested token by token).
 
+Prompts of unequal length are left-padded: a row's padding steps attend only to themselves, never route, load
+or run an expert, and are masked from the row's later steps; its positions count from its first real token, so
+each row's continuation is the one it gets alone (tested).
+
 Deviations: prefill runs the prompt one token at a time through the decode path (so the resident-set budget
-holds for any prompt; the paper's and our metrics are decode metrics); no padding, so prompts in a batch must
-have equal length. Official code: ranggihwang/Pregated_MoE (C++/CUDA, FasterTransformer).
+holds for any prompt; the paper's and our metrics are decode metrics). Official code: ranggihwang/Pregated_MoE
+(C++/CUDA, FasterTransformer).
 """
 
 from __future__ import annotations
@@ -216,6 +220,22 @@ class ResidentSet:
         self.pins[slot] = 0
         self.lru.pop(slot, None)
         self.free.append(slot)
+
+
+def _left_pad(input_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) ids (padding with 0 on the left) and each row's padding length (B,)."""
+    if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple, torch.Tensor)):
+        rows = [torch.as_tensor(r, dtype=torch.long).flatten() for r in input_ids]
+        if any(len(r) == 0 for r in rows):
+            raise ConfigError("every prompt needs at least one token")
+        p = max(len(r) for r in rows)
+        ids = torch.stack([torch.cat([r.new_zeros(p - len(r)), r]) for r in rows])
+        return ids, torch.tensor([p - len(r) for r in rows])
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    ids = ids[None] if ids.dim() == 1 else ids
+    if ids.dim() != 2:
+        raise ConfigError(f"prompts must be (batch, tokens) ids; got shape {tuple(ids.shape)}")
+    return ids, torch.zeros(ids.shape[0], dtype=torch.long)
 
 
 class OffloadEngine:
@@ -477,13 +497,16 @@ class OffloadEngine:
             gates = gates / gates.sum(-1, keepdim=True)
         return idx, gates
 
-    def _moe(self, u: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor], slots: dict[int, int]) -> torch.Tensor:
+    def _moe(self, u: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor], slots: dict[int, int],
+             live: torch.Tensor | None = None) -> torch.Tensor:
         """Gate-weighted sum of the selected experts, expert by expert in increasing id (fixed order for all
-        policies). u (B, T, D) -> (B, T, D)."""
+        policies). u (B, T, D) -> (B, T, D); rows where ``live`` (B,) is False (padding) get 0."""
         b, t, d = u.shape
         x = u.reshape(-1, d)
         idx = routing[0].reshape(x.shape[0], -1)
         gates = routing[1].reshape(x.shape[0], -1)
+        if live is not None:  # padding rows (T = 1 in decode): route them nowhere
+            idx = idx.masked_fill(~live[:, None], -1)
         p = self.pool
         if x.shape[0] == 1:  # one token (batch-1 decode): no gather/scatter, same arithmetic in the same order
             choice = {e: j for j, e in enumerate(idx[0].tolist())}
@@ -501,35 +524,40 @@ class OffloadEngine:
             y.index_add_(0, rows, torch.addmm(p.b2[s], h, p.w2[s]) * gates[rows, j].unsqueeze(-1))
         return y.view(b, t, d)
 
-    def _step(self, col: torch.Tensor, pos: int, caches, cos, sin) -> torch.Tensor:
+    @staticmethod
+    def _experts_of(routing, live: torch.Tensor | None) -> list[int]:
+        idx = routing[0] if live is None else routing[0][live]
+        return sorted(set(idx.flatten().tolist()))
+
+    def _step(self, col: torch.Tensor, pos: int, caches, cos, sin, key_mask=None, live=None) -> torch.Tensor:
+        """One token for every row. ``key_mask`` (B, L) and ``live`` (B,) only with left padding (else None)."""
         m, policy = self.model, self.config.policy
         x = m.embed_tokens(col)  # (B, 1, D)
         next_routing = None
         for i, blk in enumerate(m.layers):
-            x = blk.attend(x, cos, sin, cache=caches[i], start=pos)
+            x = blk.attend(x, cos, sin, cache=caches[i], start=pos, key_mask=key_mask)
             u = blk.mlp_norm(x)
             routing = self._route(blk.router(u)) if blk.router is not None else next_routing
             next_routing = self._route(blk.pregate(u)) if blk.pregate is not None else None  # block i+1's experts
-            needed = sorted(set(routing[0].flatten().tolist()))
-            slots = self.ensure(i, needed)
+            slots = self.ensure(i, self._experts_of(routing, live))
             if i + 1 < self.num_layers:  # overlap block i+1's transfer with block i's experts + block i+1's attention
                 if policy == "pregated":
-                    self.prefetch(i + 1, sorted(set(next_routing[0].flatten().tolist())))
+                    self.prefetch(i + 1, self._experts_of(next_routing, live))
                 elif policy == "prefetch_all":
                     self.prefetch(i + 1, range(self.num_experts))
-            x = x + self._moe(u, routing, slots)
+            x = x + self._moe(u, routing, slots, live)
             self.release(i)
         return m.lm_head(m.norm(x))[:, -1]
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, *, return_logits: bool = False) -> GenerationResult:
-        """Greedy continuation of equal-length prompts ``input_ids`` (B, P) (or one list of ids)."""
+        """Greedy continuation of prompts: ``input_ids`` is a (B, P) tensor, one list of ids, or a list of id lists
+        of any lengths (left-padded; each row continues as it would alone)."""
         from lmlab.moe.pregated import KVCache, rotary
 
         if self._stop:
             raise ConfigError("this engine is closed")
-        ids = torch.as_tensor(input_ids, dtype=torch.long)
-        ids = ids[None] if ids.dim() == 1 else ids
+        ids, pad = _left_pad(input_ids)
         b, p = ids.shape
         if b > self.config.max_batch:
             raise ConfigError(f"batch {b} exceeds the engine's max_batch={self.config.max_batch}")
@@ -546,6 +574,10 @@ class OffloadEngine:
         caches = [KVCache(b, mc.num_attention_heads, total, hd, device=self.device, dtype=dtype)
                   for _ in range(self.num_layers)]
         cos, sin = rotary(torch.arange(total, device=self.device), hd, mc.rope_theta)
+        padded = bool(pad.any())
+        if padded:  # each row's positions count from its first real token; its padding is masked as keys
+            pad = pad.to(self.device)
+            cache_pos = torch.arange(total, device=self.device)
         self._reset_counters()
         self.pool.peak = self.pool.occupied
         cuda = self.device.type == "cuda"
@@ -554,7 +586,14 @@ class OffloadEngine:
         t_start = time.perf_counter()
         for pos in range(total - 1):
             t0 = time.perf_counter()
-            logits = self._step(col, pos, caches, cos[pos:pos + 1], sin[pos:pos + 1])
+            if padded:
+                live = pos >= pad  # (B,) rows past their padding
+                row_pos = (pos - pad).clamp(min=0)
+                key_mask = (cache_pos[None, :] >= pad[:, None]) | (cache_pos[None, :] == pos)  # a pad step sees itself
+                logits = self._step(col, pos, caches, cos[row_pos][:, None, None], sin[row_pos][:, None, None],
+                                    key_mask, live)
+            else:
+                logits = self._step(col, pos, caches, cos[pos:pos + 1], sin[pos:pos + 1])
             if pos + 1 < p:
                 col = ids[:, pos + 1:pos + 2]
                 continue
