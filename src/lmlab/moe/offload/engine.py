@@ -4,8 +4,8 @@ Shapes: B batch, D width, H expert hidden width, E experts, k experts per token,
 A = min(E, B k) the most experts one block can need for one decode step.
 
 The engine runs a :class:`~lmlab.moe.pregated.PreGatedMoEForCausalLM` token by token (greedy; batch 1 is the
-paper's setting, small equal-length batches also work). The non-expert weights stay in fast memory; the experts
-live in an :class:`~lmlab.moe.offload.store.ExpertStore` (slow tier) and are copied into a **resident set** of
+paper's setting, small batches of any prompt lengths also work). The non-expert weights stay in fast memory; the
+experts live in an :class:`~lmlab.moe.offload.store.ExpertStore` (slow tier) and are copied into a **resident set** of
 S fixed, preallocated slots (fast memory: RAM on the CPU, GPU memory with the cuda tier) by a tier
 (:mod:`lmlab.moe.offload.tiers`). Policies (``OffloadConfig.policy``):
 
