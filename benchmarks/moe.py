@@ -11,16 +11,26 @@ medians compared (ratio = ours / baseline time; < 1 is faster):
   dispatch tensors, GEGLU experts of equal parameter count, loop over experts). st-moe's capacity is
   int(c T / E) (not multiplied by k), so ours gets the same C via c = C E / (k T). Target <= 1.0.
 
+Input gradient: inside a model a layer's input comes from trained layers below, so its backward always computes
+the gradient w.r.t. that input; x therefore requires grad, for baseline and ours alike. The pair
+``soft_vs_dense_no_input_grad`` times the layers as a network's very first op instead (x without gradient):
+there the dense MLP skips its input-gradient matmul (a sixth of its matmul work), while Soft MoE still needs the
+gradient w.r.t. its slots, which depend on the router (the target is judged on ``soft_vs_dense``).
+
 Memory: each pair also records the minor page faults per fwd+bwd. With set-to-None gradients every step
 allocates its weight gradients afresh, and an 8-expert layer's are 8x the dense MLP's (16 MiB a step at the
 default shape); glibc hands such blocks back to the kernel when they are freed, so every step faults them in
 again one 4 KiB page at a time (~2 us a page on the 2-core dev VM: ~10 ms of a ~60 ms Soft MoE step). By
 default the benchmark therefore sets PyTorch's own switch THP_MEM_ALLOC_ENABLE=1 (c10's CPU allocator backs
 allocations of >= 2 MiB with transparent huge pages where the kernel allows it: up to 512x fewer faults) for
-the whole process, i.e. for baseline and ours alike, as a CPU training job can; --no-thp measures the
-allocator's default behaviour instead.
+the whole process, i.e. for baseline and ours alike, as a CPU training job can. THP still leaves the
+activations and their gradients of 128 KiB .. 2 MiB (~1000 faults a Soft MoE step here): glibc serves those with
+mmap and unmaps them on free. So the benchmark also raises glibc's mmap and trim thresholds (``mallopt``, what
+jemalloc/tcmalloc, PyTorch's CPU tuning guide's advice, achieve by keeping freed memory), again for the whole
+process. ``--default-allocator`` measures the allocator's default behaviour instead (no THP, no mallopt).
 
-    python benchmarks/moe.py [--batch 16 --tokens 64 --dim 256 --experts 8 --repeats 7 --threads 1] [--no-thp]
+    python benchmarks/moe.py [--batch 16 --tokens 64 --dim 256 --experts 8 --repeats 7 --threads 1]
+                             [--default-allocator]
 """
 
 from __future__ import annotations
@@ -32,12 +42,27 @@ import statistics
 import sys
 import time
 
-if "--no-thp" not in sys.argv:  # read by c10's allocator once, at its first allocation: set before importing torch
+
+def tune_allocator() -> bool:
+    """THP for c10's large blocks (read once, at the allocator's first allocation: call before importing torch)
+    and glibc thresholds that keep freed medium blocks mapped. Returns whether mallopt took effect."""
+    import ctypes
+    import ctypes.util
+
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
+MALLOPT = False if "--default-allocator" in sys.argv else tune_allocator()
 
 import torch  # noqa: E402
 
-from lmlab.io import write_json_atomic  # noqa: E402
+from lmlab.io import invocation, write_json_atomic  # noqa: E402
 from lmlab.moe import DenseMLP, ExpertChoiceMoE, SoftMoE, TokenChoiceMoE  # noqa: E402
 
 SOFT_TARGET = 1.3
@@ -48,6 +73,7 @@ def fwd_bwd(layer, x, kind: str) -> None:
     ``optimizer.zero_grad()`` (``set_to_none=True``); accumulating into old gradients would add a pass over
     every parameter (8x more of them in an 8-expert layer) that no training step makes."""
     layer.zero_grad(set_to_none=True)
+    x.grad = None
     if kind == "lmlab":
         out = layer(x)
         loss = out.y.square().mean() + out.aux_loss
@@ -74,8 +100,8 @@ def minor_faults() -> int:
 
 def time_pair(base, base_kind, ours, x, *, repeats: int, inner: int) -> dict:
     layers = {"baseline": (base, base_kind), "ours": (ours, "lmlab")}
-    for layer, kind in layers.values():  # warm-up
-        for _ in range(2):
+    for layer, kind in layers.values():  # warm-up (the allocator's cached blocks, the pages they sit on)
+        for _ in range(5):
             fwd_bwd(layer, x, kind)
     times = {"baseline": [], "ours": []}
     faults = {"baseline": 0, "ours": 0}
@@ -103,12 +129,12 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--mult", type=int, default=4, help="expert hidden = mult * dim")
     ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--inner", type=int, default=3, help="fwd+bwd calls per timed round")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--no-thp", action="store_true",
-                    help="leave THP_MEM_ALLOC_ENABLE unset (fresh 4 KiB pages for every step's large tensors)")
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="no THP_MEM_ALLOC_ENABLE and no mallopt: fresh pages for every step's large tensors")
     ap.add_argument("--out", default="results/bench_moe.json")
     args = ap.parse_args()
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
@@ -119,11 +145,13 @@ def main() -> None:
     if t % e:
         raise SystemExit(f"--tokens ({t}) must be a multiple of --experts ({e}) so soft slots = tokens")
     dev = torch.device(args.device)
-    x = torch.randn(b, t, d, device=dev)
+    x = torch.randn(b, t, d, device=dev).requires_grad_()
     dense = DenseMLP(d, hidden=h).to(dev)
     pairs = {}
     soft = SoftMoE(d, hidden=h, num_experts=e, slots_per_expert=t // e).to(dev)
     pairs["soft_vs_dense"] = time_pair(dense, "lmlab", soft, x, repeats=args.repeats, inner=args.inner)
+    pairs["soft_vs_dense_no_input_grad"] = time_pair(dense, "lmlab", soft, x.detach(), repeats=args.repeats,
+                                                     inner=args.inner)
     tc1 = TokenChoiceMoE(d, hidden=h, num_experts=e, k=1, capacity_factor=1.0).to(dev)
     pairs["token_choice_vs_dense"] = time_pair(dense, "lmlab", tc1, x, repeats=args.repeats, inner=args.inner)
     ec = ExpertChoiceMoE(d, hidden=h, num_experts=e, capacity_factor=1.0).to(dev)
@@ -164,20 +192,21 @@ def main() -> None:
                  "soft-moe-pytorch / st-moe-pytorch",
         "paper": "Soft MoE adds little cost over dense at equal slots (2308.00951 Sec. 2.2, 3.3)",
         "ours": f"soft/dense {soft_ratio:.2f}x, token-choice/dense {pairs['token_choice_vs_dense']['ratio']:.2f}x, "
-                f"expert-choice/dense {pairs['expert_choice_vs_dense']['ratio']:.2f}x; "
+                f"expert-choice/dense {pairs['expert_choice_vs_dense']['ratio']:.2f}x "
+                f"(soft/dense {pairs['soft_vs_dense_no_input_grad']['ratio']:.2f}x as a network's first op); "
                 + ", ".join(f"{k.split('_vs_')[1]} {v:.2f}x" for k, v in peer_ratios.items())
                 + f" (B={b}, T={t}, D={d}, H={h}, E={e}, {device_name}, {args.threads} thread(s), fwd+bwd medians, "
-                + ("THP_MEM_ALLOC_ENABLE=1)" if thp else "default allocator, no THP)"),
-        "command": "`python benchmarks/moe.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "no_thp"))
-                   + (" --no-thp" if args.no_thp else "") + "`",
+                + "input with gradient as inside a model, "
+                + ("THP_MEM_ALLOC_ENABLE=1" if thp else "default allocator, no THP")
+                + (" + glibc mallopt thresholds)" if MALLOPT else ")"),
+        "command": f"`{invocation()}`",
         "reproduced": ("yes" if ok_soft and ok_peers else "partly" if ok_soft or ok_peers else "no")
                       + f": soft target {'met' if ok_soft else 'missed'}; peers "
                       + ("no slower" if ok_peers else "faster on some pair"),
     }
     write_json_atomic(args.out, {
         "benchmark": "moe", "summary": summary, "config": vars(args), "pairs": pairs, "peers": peers,
-        "env": {"torch": torch.__version__, "device": device_name, "THP_MEM_ALLOC_ENABLE": thp,
+        "env": {"torch": torch.__version__, "device": device_name, "THP_MEM_ALLOC_ENABLE": thp, "mallopt": MALLOPT,
                 "threads": torch.get_num_threads(), "machine": platform.machine(),
                 "python": platform.python_version()},
     })
