@@ -190,8 +190,9 @@ def main(argv=None) -> int:
 
     build_ok, eval_ok = build_ratio >= 0.8, eval_ratio <= 1.5
     ours = (f"build {build_ratio:.0%} of bare forward; kNN-LM eval {eval_ratio:.2f}x parametric "
-            f"({args.model}, {stats['entries']:,}-entry {args.factory}, k={args.k}); "
-            f"{stats['index_bytes_per_entry']:.1f} index bytes/token")
+            f"({args.model}, {stats['entries']:,}-entry {args.factory}, k={args.k}; speed only: "
+            f"T={knn.config.temperature:g} and lambda={knn.config.lmbda:g} untuned, ppl {base.ppl:.2f} -> "
+            f"{res.ppl:.2f}); {stats['index_bytes_per_entry']:.1f} index bytes/token")
     if smol:
         ours += f"; projected {smol['projected_eval_ratio']:.2f}x with SmolLM2-135M"
     reproduced = "yes" if build_ok and eval_ok else ("partly" if build_ok or eval_ok else "no")
@@ -213,6 +214,7 @@ def main(argv=None) -> int:
                               "faiss": faiss.__version__, "threads": args.threads, "machine": platform.machine()},
               "build": {"tokens": n_tok, "bare_seconds": base_s, "datastore_seconds": ours_s, "ratio": build_ratio},
               "eval": {"tokens": n_q, "parametric_seconds": lm_s, "knn_seconds": knn_s, "ratio": eval_ratio,
+                       "ppl_parametric": base.ppl, "ppl_knn_untuned": res.ppl,
                        "search_seconds_per_query": search_per_query},
               "store": stats, "smollm2": smol}
     write_json_atomic(args.out, result)

@@ -46,12 +46,12 @@ TECHNIQUES: tuple[Technique, ...] = (
     _t("silo", "SILO Language Models: Isolating Legal Risk In a Nonparametric Datastore", "2308.04430",
        "silo", "lmlab.silo", "lmlab silo pipeline", "recipes/silo.py", "works",
        "datastore (faiss, shards, resume, opt-out), kNN-LM, RIC-LM, attribution, server, `make demo`; kNN-LM "
-       "closes 153% of the gap (ppl 376 -> 229, reference 280), RIC-LM 0%; kNN eval 3.1x parametric for a "
-       "2M-param LM at 1M entries (target 1.5x; 1.06x projected for SmolLM2-135M)"),
+       "closes 153% of the gap (ppl 376 -> 229, reference 280), RIC-LM 0%; kNN-LM eval over 1.05M IVF-PQ entries "
+       "at k=1024: 1.09x parametric with SmolLM2-135M (target 1.5x), 3.0x for the demo's 2M-param LM"),
     _t("soft-moe", "From Sparse to Soft Mixtures of Experts", "2308.00951",
        "moe", "lmlab.moe.soft_moe", "lmlab moe train --mlp soft", "recipes/soft_moe.py", "works",
        "Soft MoE, token- and expert-choice layers in a ViT; claim not reproduced on Fashion-MNIST; "
-       "Soft MoE fwd+bwd 1.48x dense (target 1.3x; 1.85x without THP_MEM_ALLOC_ENABLE)"),
+       "Soft MoE fwd+bwd 1.36x dense (1.27-1.36 over four runs; target 1.3x)"),
     _t("gist", "GIST: Generating Image-Specific Text for Fine-grained Object Classification", "2307.11315",
        "vision", "lmlab.vision.gist", "", "", "planned",
        "needs a vision-language model; no CLIP weights are installable offline here"),
