@@ -66,18 +66,37 @@ def test_unequal_prompts_continue_as_they_would_alone(setup, policy):
     alone = [_gen(model, path, "resident", prompt=torch.tensor([q]), n=5) for q in prompts]
     with OffloadEngine(model, path, tier=make_tier("mmap"),
                        config=OffloadConfig(policy=policy, max_batch=3)) as eng:
-        asked, ensure = [], eng.ensure
-        eng.ensure = lambda layer, experts: asked.append(list(experts)) or ensure(layer, experts)
+        seen, experts_of = [], eng._experts_of
+        eng._experts_of = lambda routing, live: seen.append(live) or experts_of(routing, live)
         r = eng.generate(prompts, 5, return_logits=True)
-    # step 0 has one real row (the others are padding): each block asks for only that row's k experts
-    k, layers = model.config.num_experts_per_tok, model.config.num_hidden_layers
-    assert all(len(a) <= k for a in asked[:layers]) and any(len(a) > k for a in asked[3 * layers:])
+    # the prefill routes only the prompts' real tokens (13 of 3 x 6 positions), every decode step every row
+    assert [int(m.sum()) for m in seen[:model.config.num_hidden_layers]] == [13] * model.config.num_hidden_layers
+    assert all(bool(m.all()) for m in seen[model.config.num_hidden_layers:])
+    idx = torch.tensor([[[0, 1], [2, 3]]])  # one row, two tokens: the second is padding
+    assert OffloadEngine._experts_of((idx, None), torch.tensor([[True, False]])) == [0, 1]
     for row, a in enumerate(alone):
         assert torch.equal(r.tokens[row], a.tokens[0]), row
         for got, want in zip(r.logits, a.logits, strict=True):
             torch.testing.assert_close(got[row], want[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError), OffloadEngine(model, path, config=OffloadConfig(max_batch=2)) as eng:
         eng.generate([[1, 2], []], 2)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_prefill_streams_a_long_prompt_within_the_budget(setup, policy):
+    model, path = setup
+    L, E = model.config.num_hidden_layers, model.config.num_experts
+    prompt = torch.arange(24)[None] % 40  # 24 tokens: every block needs (nearly) all E experts
+    r = _gen(model, path, policy, prompt=prompt, n=4)
+    m = r.metrics
+    assert m.peak_resident_experts <= m.slots and m.prefill_s > 0 and m.steps == 3 == len(m.token_latency_s)
+    if policy == "resident":
+        assert m.prefill_loads == 0
+    else:  # each block's union, loaded once, in groups that fit the resident set
+        assert L <= m.prefill_loads <= L * E and m.prefill_bytes == m.prefill_loads * ExpertStore(path).expert_bytes
+    with torch.no_grad():  # same numbers as the model's own full forward
+        want = model(input_ids=torch.cat([prompt, r.tokens[:, :-1]], 1)).logits[0, prompt.shape[1] - 1:]
+    torch.testing.assert_close(torch.cat(r.logits), want, atol=1e-5, rtol=1e-5)
 
 
 def test_engine_matches_full_forward(setup):
@@ -225,7 +244,7 @@ def test_disk_tier_evicts_before_every_read(setup, monkeypatch):
     orig = ExpertStore.evict
     monkeypatch.setattr(ExpertStore, "evict", lambda self, layer, e: (calls.append((layer, e)), orig(self, layer, e)))
     r = _gen(model, path, "on_demand", tier="disk", n=3)
-    assert len(calls) == r.metrics.loads > 0
+    assert len(calls) == r.metrics.prefill_loads + r.metrics.loads > r.metrics.loads > 0
 
 
 def test_store_is_plain_safetensors(setup):

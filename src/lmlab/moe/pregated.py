@@ -171,9 +171,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, *, cache: KVCache | None = None, start: int = 0,
-                key_mask: Tensor | None = None) -> Tensor:
-        """``key_mask`` (B, >= start + t) bool, cached decoding only: which cache positions a row may attend to
-        (left padding); cos/sin may then be per row, (B, 1, 1, head_dim)."""
+                real: Tensor | None = None) -> Tensor:
+        """``real`` (B, >= start + t) bool, with the KV cache only: which positions hold real tokens (left
+        padding). A query attends causally to real positions, and a padding query to itself alone (so its row of
+        the softmax is never empty); cos/sin are then per row, (B, 1, t, head_dim)."""
         b, t, d = x.shape
         q, k, v = (p(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
@@ -184,9 +185,12 @@ class Attention(nn.Module):
             cache.k[:, :, start:start + t] = k
             cache.v[:, :, start:start + t] = v
             k, v = cache.k[:, :, :start + t], cache.v[:, :, :start + t]
-        if key_mask is not None and t > 1:
-            raise ValueError("key_mask is for one-token decode steps")
-        mask = None if key_mask is None else key_mask[:, None, None, :k.shape[2]]
+        mask = None
+        if real is not None:
+            n = k.shape[2]
+            qpos = torch.arange(start, start + t, device=x.device)[:, None]
+            kpos = torch.arange(n, device=x.device)[None, :]
+            mask = ((kpos <= qpos) & (real[:, None, :n] | (kpos == qpos)))[:, None]  # (B, 1, t, n)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=t > 1 and mask is None)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, d))
 
@@ -209,9 +213,9 @@ class PreGatedBlock(nn.Module):
         self.experts = Experts(e, dim=d, hidden=config.expert_hidden_size, activation="gelu")
 
     def attend(self, x: Tensor, cos: Tensor, sin: Tensor, *, cache: KVCache | None = None, start: int = 0,
-               key_mask: Tensor | None = None) -> Tensor:
+               real: Tensor | None = None) -> Tensor:
         """x + attention(norm(x)): the block up to its MoE input."""
-        return x + self.attn(self.attn_norm(x), cos, sin, cache=cache, start=start, key_mask=key_mask)
+        return x + self.attn(self.attn_norm(x), cos, sin, cache=cache, start=start, real=real)
 
 
 class PreGatedMoEForCausalLM(PreTrainedModel):

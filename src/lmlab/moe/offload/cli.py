@@ -57,6 +57,7 @@ def generate_cmd(model_dir, prompts, max_new_tokens, policy, tier, gbps, latency
     for prompt, row in zip(prompts, res.tokens, strict=True):
         click.echo(prompt + tok.decode(row))
     stall = "-" if m.stall_s is None else f"{m.stall_per_step_s * 1e3:.2f} ms/step"
-    click.echo(f"[{policy} / {tier}] {m.median_latency_s * 1e3:.2f} ms/token, {m.tokens_per_s:.1f} tokens/s, "
+    click.echo(f"[{policy} / {tier}] prefill {m.prefill_s * 1e3:.1f} ms ({m.prompt_tokens} tokens), decode "
+               f"{m.median_latency_s * 1e3:.2f} ms/token, {m.tokens_per_s:.1f} tokens/s, "
                f"peak {m.peak_resident_experts} experts ({m.peak_resident_bytes / 1e6:.1f} MB), "
                f"moved {m.bytes_moved / 1e6:.1f} MB, hit rate {m.hit_rate:.2f}, stall {stall}", err=True)

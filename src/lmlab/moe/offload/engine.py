@@ -3,7 +3,7 @@
 Shapes: B batch, D width, H expert hidden width, E experts, k experts per token, L blocks, S resident slots,
 A = min(E, B k) the most experts one block can need for one decode step.
 
-The engine runs a :class:`~lmlab.moe.pregated.PreGatedMoEForCausalLM` token by token (greedy; batch 1 is the
+The engine decodes a :class:`~lmlab.moe.pregated.PreGatedMoEForCausalLM` token by token (greedy; batch 1 is the
 paper's setting, small batches of any prompt lengths also work). The non-expert weights stay in fast memory; the
 experts live in an :class:`~lmlab.moe.offload.store.ExpertStore` (slow tier) and are copied into a **resident set** of
 S fixed, preallocated slots (fast memory: RAM on the CPU, GPU memory with the cuda tier) by a tier
@@ -27,13 +27,14 @@ the wait as stall; a queued prefetch the thread has not started yet is run by th
 the same expert arithmetic in the same order (:meth:`OffloadEngine._moe`), so for the same routing the outputs
 are bitwise identical across policies and tiers on one device (tested token by token).
 
-Prompts of unequal length are left-padded: a row's padding steps attend only to themselves, never route, load
-or run an expert, and are masked from the row's later steps; its positions count from its first real token, so
+Prompts of unequal length are left-padded: a row's padding positions attend only to themselves, never route, load
+or run an expert, and are masked from the row's real positions; its positions count from its first real token, so
 each row's continuation is the one it gets alone (tested).
 
-Deviations: prefill runs the prompt one token at a time through the decode path (so the resident-set budget
-holds for any prompt; the paper's and our metrics are decode metrics). Official code: ranggihwang/Pregated_MoE
-(C++/CUDA, FasterTransformer).
+The prompt is prefilled in one pass per block: attention over all its tokens at once, and the block's experts (the
+union over the prompt) streamed through the resident set A at a time, on demand, so every policy's budget holds
+for any prompt length. Its time and loads are reported apart (``prefill_*``); the other counters and the latencies
+are the decode's, the paper's metrics. Official code: ranggihwang/Pregated_MoE (C++/CUDA, FasterTransformer).
 """
 
 from __future__ import annotations
@@ -104,10 +105,14 @@ class OffloadMetrics:
     misses: int
     misses_per_block: list[int]
     stall_s: float | None  # host time waiting for experts, all steps (None on CUDA: waits happen on the device)
-    steps: int  # forward steps run: prompt tokens - 1 + new tokens (prefill is token by token)
+    steps: int  # decode steps run: new tokens - 1 (the first new token comes from the prefill)
     stolen: int  # prefetches the main thread ran itself because the prefetch thread had not started them
     setup_s: float  # loading the resident set / pinning host copies (engine creation), not in latencies
     wall_s: float = 0.0
+    prefill_s: float = 0.0  # the prompt's pass: time to the first new token
+    prefill_loads: int = 0  # experts the prefill loaded (on demand, A at a time); not in the decode counters above
+    prefill_bytes: int = 0
+    prefill_stall_s: float | None = None
 
     @property
     def needed(self) -> int:
@@ -498,17 +503,18 @@ class OffloadEngine:
         return idx, gates
 
     def _moe(self, u: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor], slots: dict[int, int],
-             live: torch.Tensor | None = None) -> torch.Tensor:
+             live: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Gate-weighted sum of the selected experts, expert by expert in increasing id (fixed order for all
-        policies). u (B, T, D) -> (B, T, D); rows where ``live`` (B,) is False (padding) get 0."""
+        policies). u (B, T, D) -> (B, T, D); tokens where ``live`` (B, T) is False (padding) get 0. ``out``
+        (B*T, D) continues a sum over earlier experts (prefill streams a block's experts in groups)."""
         b, t, d = u.shape
         x = u.reshape(-1, d)
         idx = routing[0].reshape(x.shape[0], -1)
         gates = routing[1].reshape(x.shape[0], -1)
-        if live is not None:  # padding rows (T = 1 in decode): route them nowhere
-            idx = idx.masked_fill(~live[:, None], -1)
+        if live is not None:  # padding tokens: route them nowhere
+            idx = idx.masked_fill(~live.reshape(-1, 1), -1)
         p = self.pool
-        if x.shape[0] == 1:  # one token (batch-1 decode): no gather/scatter, same arithmetic in the same order
+        if x.shape[0] == 1 and out is None:  # batch-1 decode: no gather/scatter, same arithmetic in the same order
             choice = {e: j for j, e in enumerate(idx[0].tolist())}
             y = torch.zeros_like(x)
             for e in sorted(slots):
@@ -516,7 +522,7 @@ class OffloadEngine:
                 h = self.act(torch.addmm(p.b1[s], x, p.w1[s]))
                 y = y + torch.addmm(p.b2[s], h, p.w2[s]) * gates[:, j:j + 1]
             return y.view(b, t, d)
-        y = torch.zeros_like(x)
+        y = torch.zeros_like(x) if out is None else out
         for e in sorted(slots):
             s = slots[e]
             rows, j = (idx == e).nonzero(as_tuple=True)
@@ -529,13 +535,37 @@ class OffloadEngine:
         idx = routing[0] if live is None else routing[0][live]
         return sorted(set(idx.flatten().tolist()))
 
-    def _step(self, col: torch.Tensor, pos: int, caches, cos, sin, key_mask=None, live=None) -> torch.Tensor:
-        """One token for every row. ``key_mask`` (B, L) and ``live`` (B,) only with left padding (else None)."""
+    def _prefill(self, ids: torch.Tensor, caches, cos, sin, real=None, live=None) -> torch.Tensor:
+        """The whole prompt (B, P) in one pass per block: attention fills the KV cache, and each block's experts
+        (the union over the prompt's tokens, from its router or its predecessor's pre-gate) stream through the
+        resident set A at a time, on demand, each group's slots released before the next: the budget of every
+        policy holds. Returns the last position's logits (B, V). ``real`` (B, L) and ``live`` (B, P) mark real
+        tokens when prompts are left-padded."""
+        m = self.model
+        x = m.embed_tokens(ids)  # (B, P, D)
+        b, p, d = x.shape
+        next_routing = None
+        for i, blk in enumerate(m.layers):
+            x = blk.attend(x, cos, sin, cache=caches[i], start=0, real=real)
+            u = blk.mlp_norm(x)
+            routing = self._route(blk.router(u)) if blk.router is not None else next_routing
+            next_routing = self._route(blk.pregate(u)) if blk.pregate is not None else None
+            experts = self._experts_of(routing, live)
+            y = torch.zeros(b * p, d, device=x.device, dtype=x.dtype)
+            for g in range(0, len(experts), self.active):
+                slots = self.ensure(i, experts[g:g + self.active])
+                self._moe(u, routing, slots, live, out=y)
+                self.release(i)
+            x = x + y.view(b, p, d)
+        return m.lm_head(m.norm(x[:, -1:]))[:, -1]
+
+    def _step(self, col: torch.Tensor, pos: int, caches, cos, sin, real=None, live=None) -> torch.Tensor:
+        """One token for every row. ``real`` (B, L) and ``live`` (B, 1) only with left padding (else None)."""
         m, policy = self.model, self.config.policy
         x = m.embed_tokens(col)  # (B, 1, D)
         next_routing = None
         for i, blk in enumerate(m.layers):
-            x = blk.attend(x, cos, sin, cache=caches[i], start=pos, key_mask=key_mask)
+            x = blk.attend(x, cos, sin, cache=caches[i], start=pos, real=real)
             u = blk.mlp_norm(x)
             routing = self._route(blk.router(u)) if blk.router is not None else next_routing
             next_routing = self._route(blk.pregate(u)) if blk.pregate is not None else None  # block i+1's experts
@@ -575,28 +605,36 @@ class OffloadEngine:
                   for _ in range(self.num_layers)]
         cos, sin = rotary(torch.arange(total, device=self.device), hd, mc.rope_theta)
         padded = bool(pad.any())
+        real = None
         if padded:  # each row's positions count from its first real token; its padding is masked as keys
             pad = pad.to(self.device)
-            cache_pos = torch.arange(total, device=self.device)
+            real = torch.arange(total, device=self.device)[None, :] >= pad[:, None]  # (B, total)
         self._reset_counters()
         self.pool.peak = self.pool.occupied
         cuda = self.device.type == "cuda"
-        new, lat, all_logits = [], [], []
-        col = ids[:, :1]
         t_start = time.perf_counter()
-        for pos in range(total - 1):
+        # prefill: the prompt in one pass per block; its logits give the first new token
+        if padded:
+            row_pos = (torch.arange(p, device=self.device)[None, :] - pad[:, None]).clamp(min=0)  # (B, P)
+            logits = self._prefill(ids, caches, cos[row_pos][:, None], sin[row_pos][:, None], real, real[:, :p])
+        else:
+            logits = self._prefill(ids, caches, cos[:p], sin[:p])
+        col = logits.argmax(-1, keepdim=True)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        prefill_s = time.perf_counter() - t_start
+        prefill = {"loads": self.loads, "bytes": self.bytes_moved, "stall_s": None if cuda else self.stall_s}
+        self._reset_counters()  # the counters below are the decode's (the paper's metrics)
+        new, lat = [col], []
+        all_logits = [logits.detach().cpu()] if return_logits else []
+        for pos in range(p, total - 1):  # decode: one token per step
             t0 = time.perf_counter()
             if padded:
-                live = pos >= pad  # (B,) rows past their padding
                 row_pos = (pos - pad).clamp(min=0)
-                key_mask = (cache_pos[None, :] >= pad[:, None]) | (cache_pos[None, :] == pos)  # a pad step sees itself
                 logits = self._step(col, pos, caches, cos[row_pos][:, None, None], sin[row_pos][:, None, None],
-                                    key_mask, live)
+                                    real, (pos >= pad)[:, None])
             else:
                 logits = self._step(col, pos, caches, cos[pos:pos + 1], sin[pos:pos + 1])
-            if pos + 1 < p:
-                col = ids[:, pos + 1:pos + 2]
-                continue
             col = logits.argmax(-1, keepdim=True)
             if cuda:
                 torch.cuda.synchronize(self.device)
@@ -613,8 +651,9 @@ class OffloadEngine:
             peak_resident_bytes=self.pool.peak * s, active_experts_per_block=self.max_needed,
             bytes_moved=self.bytes_moved, loads=self.loads, prefetches=self.prefetches, hits=self.hits,
             late=self.late, misses=self.misses, misses_per_block=list(self.misses_per_block),
-            stall_s=None if cuda else self.stall_s, steps=total - 1, stolen=self.stolen, setup_s=self.setup_s,
-            wall_s=wall)
+            stall_s=None if cuda else self.stall_s, steps=len(lat), stolen=self.stolen, setup_s=self.setup_s,
+            wall_s=wall, prefill_s=prefill_s, prefill_loads=prefill["loads"], prefill_bytes=prefill["bytes"],
+            prefill_stall_s=prefill["stall_s"])
         return GenerationResult(tokens=torch.cat(new, dim=1).cpu(), metrics=metrics, logits=all_logits)
 
     # ----- shutdown -----------------------------------------------------------------------------------------
