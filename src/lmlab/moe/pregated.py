@@ -174,7 +174,7 @@ class Attention(nn.Module):
                 real: Tensor | None = None) -> Tensor:
         """``real`` (B, >= start + t) bool, with the KV cache only: which positions hold real tokens (left
         padding). A query attends causally to real positions, and a padding query to itself alone (so its row of
-        the softmax is never empty); cos/sin are then per row, (B, 1, t, head_dim)."""
+        the softmax is never empty). cos/sin are (t, head_dim), or per row (B, 1, t, head_dim)."""
         b, t, d = x.shape
         q, k, v = (p(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))

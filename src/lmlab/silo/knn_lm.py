@@ -92,10 +92,15 @@ class Generation:
 # -- the maths (vectorised; used by evaluation, tuning and generation) --------------------------------
 
 
+def neighbour_distances(D: torch.Tensor, distance: str = "l2") -> torch.Tensor:  # noqa: N803
+    """The d of eq. 2 from faiss's squared L2 ``D``: its square root for ``"l2"`` (silo-lm), else ``D`` itself."""
+    d = D.clamp_min(0)
+    return d.sqrt() if distance == "l2" else d
+
+
 def neighbour_logweights(D: torch.Tensor, temperature: float, distance: str = "l2") -> torch.Tensor:  # noqa: N803
     """log softmax(-d / T) over the K neighbours (Khandelwal eq. 2's weights); D (n, K) squared L2, inf = none."""
-    d = D.clamp_min(0).sqrt() if distance == "l2" else D.clamp_min(0)
-    scores = -d / temperature  # -inf where there is no neighbour
+    scores = -neighbour_distances(D, distance) / temperature  # -inf where there is no neighbour
     none = torch.isinf(scores).all(-1, keepdim=True)
     return torch.log_softmax(torch.where(none, torch.zeros_like(scores), scores), -1).masked_fill(
         torch.isinf(scores), float("-inf"))
@@ -118,8 +123,7 @@ def knn_target_logprob_from_distances(D: torch.Tensor, values: torch.Tensor, tar
     """log p_kNN(target) (n,) straight from squared distances: :func:`neighbour_logweights` then
     :func:`knn_target_logprob` in four passes over (n, K) instead of a dozen (evaluation's hot loop at
     k = 1024). NaN for a row with no neighbour (the caller substitutes p_LM)."""
-    d = D.clamp_min(0)
-    s = -(d.sqrt() if distance == "l2" else d) / temperature
+    s = -neighbour_distances(D, distance) / temperature
     m = s.max(-1, keepdim=True).values  # -inf for a row with no neighbour -> 0/0 = NaN below
     w = torch.exp(s - m)
     return torch.log((w * (values == targets[:, None])).sum(-1) / w.sum(-1))
@@ -250,8 +254,7 @@ class KnnLM:
             D, vals, _ = self._neighbours(sk.keys, k_max)  # sorted by distance: the k nearest are a prefix
             hit = (vals == sk.target_ids.cpu()[:, None]).double()
             empty = torch.isinf(D).all(-1)
-            d = D.double().clamp_min(0)
-            d = d.sqrt() if self.config.distance == "l2" else d
+            d = neighbour_distances(D.double(), self.config.distance)
             d = torch.where(empty[:, None], torch.zeros_like(d), d)
             d = d - d[:, :1]  # relative to the nearest: exp(-d / t) <= 1, no overflow; inf -> weight 0
             # eq. 2 for every (k, temperature) at once: p_kNN(target | k nearest) = (sum of the first k weights

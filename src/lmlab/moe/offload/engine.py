@@ -535,15 +535,16 @@ class OffloadEngine:
         idx = routing[0] if live is None else routing[0][live]
         return sorted(set(idx.flatten().tolist()))
 
-    def _prefill(self, ids: torch.Tensor, caches, cos, sin, real=None, live=None) -> torch.Tensor:
+    def _prefill(self, ids: torch.Tensor, caches, cos, sin, real=None) -> torch.Tensor:
         """The whole prompt (B, P) in one pass per block: attention fills the KV cache, and each block's experts
         (the union over the prompt's tokens, from its router or its predecessor's pre-gate) stream through the
         resident set A at a time, on demand, each group's slots released before the next: the budget of every
-        policy holds. Returns the last position's logits (B, V). ``real`` (B, L) and ``live`` (B, P) mark real
-        tokens when prompts are left-padded."""
+        policy holds. Returns the last position's logits (B, V). ``real`` (B, L) marks real tokens when prompts
+        are left-padded (else None)."""
         m = self.model
         x = m.embed_tokens(ids)  # (B, P, D)
         b, p, d = x.shape
+        live = None if real is None else real[:, :p]
         next_routing = None
         for i, blk in enumerate(m.layers):
             x = blk.attend(x, cos, sin, cache=caches[i], start=0, real=real)
@@ -559,9 +560,10 @@ class OffloadEngine:
             x = x + y.view(b, p, d)
         return m.lm_head(m.norm(x[:, -1:]))[:, -1]
 
-    def _step(self, col: torch.Tensor, pos: int, caches, cos, sin, real=None, live=None) -> torch.Tensor:
-        """One token for every row. ``real`` (B, L) and ``live`` (B, 1) only with left padding (else None)."""
+    def _step(self, col: torch.Tensor, pos: int, caches, cos, sin, real=None) -> torch.Tensor:
+        """One token for every row. ``real`` (B, L) only with left padding (else None)."""
         m, policy = self.model, self.config.policy
+        live = None if real is None else real[:, pos:pos + 1]
         x = m.embed_tokens(col)  # (B, 1, D)
         next_routing = None
         for i, blk in enumerate(m.layers):
@@ -603,38 +605,29 @@ class OffloadEngine:
         hd = mc.hidden_size // mc.num_attention_heads
         caches = [KVCache(b, mc.num_attention_heads, total, hd, device=self.device, dtype=dtype)
                   for _ in range(self.num_layers)]
-        cos, sin = rotary(torch.arange(total, device=self.device), hd, mc.rope_theta)
-        padded = bool(pad.any())
-        real = None
-        if padded:  # each row's positions count from its first real token; its padding is masked as keys
-            pad = pad.to(self.device)
-            real = torch.arange(total, device=self.device)[None, :] >= pad[:, None]  # (B, total)
+        # with left padding, each row's positions count from its first real token and its padding is masked
+        pad = pad.to(self.device)
+        steps = torch.arange(total, device=self.device)
+        real = steps[None, :] >= pad[:, None] if bool(pad.any()) else None  # (B, total)
+        cos, sin = rotary(steps, hd, mc.rope_theta)
+        row_pos = (steps[None, :] - pad[:, None]).clamp(min=0)  # (B, total) each cache position's rotary position
+        cos, sin = cos[row_pos][:, None], sin[row_pos][:, None]  # (B, 1, total, head_dim)
         self._reset_counters()
         self.pool.peak = self.pool.occupied
         cuda = self.device.type == "cuda"
         t_start = time.perf_counter()
-        # prefill: the prompt in one pass per block; its logits give the first new token
-        if padded:
-            row_pos = (torch.arange(p, device=self.device)[None, :] - pad[:, None]).clamp(min=0)  # (B, P)
-            logits = self._prefill(ids, caches, cos[row_pos][:, None], sin[row_pos][:, None], real, real[:, :p])
-        else:
-            logits = self._prefill(ids, caches, cos[:p], sin[:p])
+        logits = self._prefill(ids, caches, cos[:, :, :p], sin[:, :, :p], real)  # its logits give the first token
         col = logits.argmax(-1, keepdim=True)
         if cuda:
             torch.cuda.synchronize(self.device)
         prefill_s = time.perf_counter() - t_start
-        prefill = {"loads": self.loads, "bytes": self.bytes_moved, "stall_s": None if cuda else self.stall_s}
+        prefill_loads, prefill_bytes, prefill_stall = self.loads, self.bytes_moved, None if cuda else self.stall_s
         self._reset_counters()  # the counters below are the decode's (the paper's metrics)
         new, lat = [col], []
         all_logits = [logits.detach().cpu()] if return_logits else []
         for pos in range(p, total - 1):  # decode: one token per step
             t0 = time.perf_counter()
-            if padded:
-                row_pos = (pos - pad).clamp(min=0)
-                logits = self._step(col, pos, caches, cos[row_pos][:, None, None], sin[row_pos][:, None, None],
-                                    real, (pos >= pad)[:, None])
-            else:
-                logits = self._step(col, pos, caches, cos[pos:pos + 1], sin[pos:pos + 1])
+            logits = self._step(col, pos, caches, cos[:, :, pos:pos + 1], sin[:, :, pos:pos + 1], real)
             col = logits.argmax(-1, keepdim=True)
             if cuda:
                 torch.cuda.synchronize(self.device)
@@ -652,8 +645,8 @@ class OffloadEngine:
             bytes_moved=self.bytes_moved, loads=self.loads, prefetches=self.prefetches, hits=self.hits,
             late=self.late, misses=self.misses, misses_per_block=list(self.misses_per_block),
             stall_s=None if cuda else self.stall_s, steps=len(lat), stolen=self.stolen, setup_s=self.setup_s,
-            wall_s=wall, prefill_s=prefill_s, prefill_loads=prefill["loads"], prefill_bytes=prefill["bytes"],
-            prefill_stall_s=prefill["stall_s"])
+            wall_s=wall, prefill_s=prefill_s, prefill_loads=prefill_loads, prefill_bytes=prefill_bytes,
+            prefill_stall_s=prefill_stall)
         return GenerationResult(tokens=torch.cat(new, dim=1).cpu(), metrics=metrics, logits=all_logits)
 
     # ----- shutdown -----------------------------------------------------------------------------------------
