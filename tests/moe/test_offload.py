@@ -1,5 +1,6 @@
 """The offloaded MoE engine: identical outputs across policies/tiers, budgets, misses, prefetch, shutdown, errors."""
 
+import os
 import threading
 import time
 
@@ -90,6 +91,8 @@ def test_prefill_streams_a_long_prompt_within_the_budget(setup, policy):
     r = _gen(model, path, policy, prompt=prompt, n=4)
     m = r.metrics
     assert m.peak_resident_experts <= m.slots and m.prefill_s > 0 and m.steps == 3 == len(m.token_latency_s)
+    assert len(m.block_latency_s) == m.steps and all(0 < b < t for b, t in zip(m.block_latency_s, m.token_latency_s,
+                                                                              strict=True))
     if policy == "resident":
         assert m.prefill_loads == 0
     else:  # each block's union, loaded once, in groups that fit the resident set
@@ -223,10 +226,83 @@ def test_shutdown_with_a_load_in_flight_leaves_no_thread(setup):
     t0 = time.perf_counter()
     eng.close()  # cancels the queued loads, waits for the one in flight, joins the thread
     assert time.perf_counter() - t0 < 10
-    assert not _prefetch_threads() and not eng._jobs
+    assert not _prefetch_threads() and not eng._copier._jobs
     eng.close()  # idempotent
     with pytest.raises(ConfigError):
         eng.generate([1, 2], 2)
+
+
+@pytest.mark.parametrize("policy", ["prefetch_all", "pregated"])
+def test_copy_process_and_thread_give_identical_outputs(setup, policy):
+    model, path = setup
+    ref = _gen(model, path, "resident", n=6)
+    for copier in ("process", "thread"):
+        with OffloadEngine(model, path, tier=make_tier("link", gbps=50.0, latency_us=1.0),
+                           config=OffloadConfig(policy=policy, copier=copier)) as eng:
+            r = eng.generate(torch.arange(4)[None], 6, return_logits=True)
+        assert r.metrics.copier == copier and r.metrics.prefetches > 0, copier
+        assert torch.equal(r.tokens, ref.tokens)
+        assert all(torch.equal(a, b) for a, b in zip(r.logits, ref.logits, strict=True))
+        assert r.metrics.bytes_moved == r.metrics.loads * ExpertStore(path).expert_bytes
+
+
+def test_copier_choice(setup):
+    model, path = setup
+    kinds = {}
+    for policy, tier in (("pregated", make_tier("mmap")), ("pregated", make_tier("disk")), ("on_demand", None),
+                         ("pregated", GatedTier())):
+        with OffloadEngine(model, path, tier=tier, config=OffloadConfig(policy=policy)) as eng:
+            kinds[(policy, type(eng.tier).__name__)] = eng._copier.kind if eng._copier else None
+    assert kinds == {("pregated", "PageCacheTier"): "process", ("pregated", "DiskTier"): "process",
+                     ("on_demand", "PageCacheTier"): None, ("pregated", "GatedTier"): "thread"}
+    with pytest.raises(ConfigError, match="copier='thread'"):
+        OffloadEngine(model, path, tier=GatedTier(), config=OffloadConfig(policy="pregated", copier="process"))
+    with pytest.raises(ConfigError, match="unknown copier"):
+        OffloadConfig(copier="carrier-pigeon")
+
+
+def test_copier_falls_back_to_a_thread_where_no_process_can_start(setup, monkeypatch):
+    import lmlab.moe.offload.copier as copier
+
+    model, path = setup
+    monkeypatch.setattr(copier.sys, "executable", "/nonexistent/python")
+    with OffloadEngine(model, path, config=OffloadConfig(policy="pregated")) as eng:
+        assert eng._copier.kind == "thread"
+        assert eng.generate([1, 2, 3], 3).metrics.copier == "thread"
+    with pytest.raises(ConfigError, match="cannot start the expert copy process"):
+        OffloadEngine(model, path, config=OffloadConfig(policy="pregated", copier="process"))
+
+
+def test_copy_process_is_reaped_on_close_even_with_copies_in_flight(setup):
+    model, path = setup
+    eng = OffloadEngine(model, path, config=OffloadConfig(policy="prefetch_all", copier="process"))
+    proc = eng._copier.proc
+    assert proc.poll() is None
+    eng.prefetch(1, range(E))  # in flight or queued in the child's pipe
+    eng.close()
+    assert proc.poll() is not None and not _prefetch_threads()
+    eng.close()  # idempotent
+
+
+def test_copy_process_failures_are_clear_errors(setup, tmp_path):
+    model, path = setup
+    with OffloadEngine(model, path, config=OffloadConfig(policy="pregated", copier="process")) as eng:
+        eng._copier.proc.kill()
+        eng._copier.proc.wait()
+        with pytest.raises(RuntimeError, match="copy process exited"):  # seen when the jobs are written
+            eng.prefetch(1, [0, 1])
+        eng._copier._pending.add(0)  # ... or while waiting for a copy the child will never finish
+        with pytest.raises(RuntimeError, match="copy process exited"):
+            eng._copier.wait(0)
+    cut = tmp_path / "experts.safetensors"
+    cut.write_bytes(path.read_bytes())
+    with OffloadEngine(model, cut, config=OffloadConfig(policy="pregated", copier="process")) as eng:
+        last = max(eng.store.spans.values())
+        os.truncate(cut, last + 8)  # the file shrinks under the engine: the last expert reads short
+        key = next(k for k, v in eng.store.spans.items() if v == last)
+        eng.prefetch(key[0], [key[1]])
+        with pytest.raises(DataError, match="short read"):
+            eng.ensure(key[0], [key[1]])
 
 
 def test_link_tier_is_serial_and_bandwidth_limited(setup):
@@ -333,7 +409,11 @@ def test_generate_command(tmp_path):
     assert out.exit_code == 0, out.output
     d = json.loads(out.stdout)
     assert d["new_tokens"] == 4 and d["policy"] == "pregated" and d["misses_per_block"][1:] == [0, 0]
+    assert d["copier"] == "process"
     assert (tmp_path / "m" / "experts.safetensors").is_file()
+    out = CliRunner().invoke(generate_cmd, [str(tmp_path / "m"), "--prompt", "hello", "--max-new-tokens", "4",
+                                            "--json", "--copier", "thread"])
+    assert out.exit_code == 0 and json.loads(out.stdout)["copier"] == "thread", out.output
     out = CliRunner().invoke(generate_cmd, [str(tmp_path / "m"), "--prompt", "hello there", "--prompt", "hi",
                                             "--max-new-tokens", "3", "--policy", "on_demand"])
     assert out.exit_code == 0, out.output

@@ -22,10 +22,13 @@ import click
 @click.option("--gbps", default=8.0, show_default=True, help="Link bandwidth (GB/s) of --tier link.")
 @click.option("--latency-us", default=10.0, show_default=True, help="Per-transfer latency of --tier link.")
 @click.option("--lru-slots", default=0, show_default=True, help="Extra slots caching recently used experts.")
+@click.option("--copier", type=click.Choice(["auto", "process", "thread"]), default="auto", show_default=True,
+              help="Who copies prefetched experts on a CPU tier: a child process or a Python thread.")
 @click.option("--store", type=click.Path(), default=None,
               help="Expert store (default MODEL_DIR/experts.safetensors, written from the model if missing).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def generate_cmd(model_dir, prompts, max_new_tokens, policy, tier, gbps, latency_us, lru_slots, store, as_json):
+def generate_cmd(model_dir, prompts, max_new_tokens, policy, tier, gbps, latency_us, lru_slots, copier, store,
+                 as_json):
     """Generate with experts streamed from a safetensors store (policies: resident/on_demand/prefetch_all/pregated)."""
     import torch
     from transformers import AutoTokenizer
@@ -44,7 +47,7 @@ def generate_cmd(model_dir, prompts, max_new_tokens, policy, tier, gbps, latency
     if not all(ids):
         raise click.UsageError("every --prompt needs at least one token")
     device = "cuda" if tier == "cuda" else "cpu"
-    cfg = OffloadConfig(policy=policy, lru_slots=lru_slots, max_batch=len(ids), device=device)
+    cfg = OffloadConfig(policy=policy, lru_slots=lru_slots, max_batch=len(ids), device=device, copier=copier)
     with torch.no_grad(), OffloadEngine(model, store_path, tier=make_tier(tier, gbps=gbps, latency_us=latency_us),
                                         config=cfg) as eng:
         res = eng.generate(ids, max_new_tokens)
@@ -57,7 +60,8 @@ def generate_cmd(model_dir, prompts, max_new_tokens, policy, tier, gbps, latency
     for prompt, row in zip(prompts, res.tokens, strict=True):
         click.echo(prompt + tok.decode(row))
     stall = "-" if m.stall_s is None else f"{m.stall_per_step_s * 1e3:.2f} ms/step"
-    click.echo(f"[{policy} / {tier}] prefill {m.prefill_s * 1e3:.1f} ms ({m.prompt_tokens} tokens), decode "
+    click.echo(f"[{policy} / {tier} / copier {m.copier}] prefill {m.prefill_s * 1e3:.1f} ms "
+               f"({m.prompt_tokens} tokens), decode "
                f"{m.median_latency_s * 1e3:.2f} ms/token, {m.tokens_per_s:.1f} tokens/s, "
                f"peak {m.peak_resident_experts} experts ({m.peak_resident_bytes / 1e6:.1f} MB), "
                f"moved {m.bytes_moved / 1e6:.1f} MB, hit rate {m.hit_rate:.2f}, stall {stall}", err=True)

@@ -14,15 +14,20 @@ S fixed, preallocated slots (fast memory: RAM on the CPU, GPU memory with the cu
 - ``prefetch_all``: while block i runs, load all E experts of block i+1 (S = E + A); prefetched experts the block
   turns out not to need are dropped once its routing is known.
 - ``pregated``: block i's pre-gate names block i+1's experts; they are loaded while block i's experts compute
-  and block i+1's attention runs, on a background thread (CPU tiers) or a side CUDA stream (cuda tier),
+  and block i+1's attention runs, asynchronously (CPU tiers: a copier, below; cuda tier: a side CUDA stream),
   double-buffered: S = 2A (block i's experts + block i+1's), the paper's system design. Needs a pre-gated model.
   Block 0 has no predecessor: its experts load on demand.
+
+On the CPU tiers the asynchronous copies (prefetch_all, pregated) run in a copy process by default
+(:class:`~lmlab.moe.offload.copier.ProcessCopier`: the resident set lives in shared memory and a child process
+``preadv``-s experts into it, standing in for a GPU's copy engine), or on a Python thread (``copier="thread"``,
+:class:`~lmlab.moe.offload.copier.ThreadCopier`: any tier, but it shares the decoding thread's GIL).
 
 ``lru_slots`` adds that many slots that keep recently used experts (mixtral-offloading's LRU cache); a needed
 expert found there costs nothing. With ``lru_slots=0`` a slot is freed as soon as its block is done.
 
 A needed expert is a **hit** (resident and loaded), **late** (its prefetch is still in flight: we wait, and count
-the wait as stall; a queued prefetch the thread has not started yet is run by the decode thread itself) or a
+the wait as stall; a prefetch the thread copier has not started yet is run by the decode thread itself) or a
 **miss** (not requested before: synchronous load, counted, also stall). Every policy runs
 the same expert arithmetic in the same order (:meth:`OffloadEngine._moe`), so for the same routing the outputs
 are bitwise identical across policies and tiers on one device (tested token by token).
@@ -41,7 +46,7 @@ from __future__ import annotations
 
 import collections
 import statistics
-import threading
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -49,11 +54,20 @@ import torch
 
 from lmlab.errors import ConfigError
 from lmlab.moe.experts import ACTIVATIONS
+from lmlab.moe.offload.copier import (
+    COPIERS,
+    THREAD_NAME,
+    ProcessCopier,
+    ThreadCopier,
+    process_copier_available,
+    process_evicts,
+)
 from lmlab.moe.offload.store import ExpertStore
 from lmlab.moe.offload.tiers import PageCacheTier
 
 POLICIES = ("resident", "on_demand", "prefetch_all", "pregated")
-THREAD_NAME = "lmlab-expert-prefetch"
+__all__ = ["POLICIES", "THREAD_NAME", "BudgetError", "GenerationResult", "OffloadConfig", "OffloadEngine",
+           "OffloadMetrics", "ResidentSet"]
 
 
 def _sleep_until(t: float) -> None:
@@ -73,10 +87,15 @@ class OffloadConfig:
     lru_slots: int = 0  # extra slots kept as an LRU cache of recent experts (0: free a slot when its block ends)
     max_batch: int = 1  # sizes the resident set: A = min(E, max_batch * k); batch 1 is the paper's setting
     device: str = "cpu"  # where the resident set and the non-expert weights live ("cuda" with the cuda tier)
+    # CPU tiers' asynchronous copies (prefetch_all, pregated): "process" (a child process, the default where
+    # available), "thread" (a Python thread; any tier), "auto" (process if the platform and tier allow it)
+    copier: str = "auto"
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.copier not in COPIERS:
+            raise ConfigError(f"unknown copier {self.copier!r}; choose one of {', '.join(COPIERS)}")
         if self.lru_slots < 0 or self.max_batch < 1:
             raise ConfigError("lru_slots must be >= 0 and max_batch >= 1")
 
@@ -92,6 +111,7 @@ class OffloadMetrics:
     prompt_tokens: int
     new_tokens: int
     token_latency_s: list[float]
+    block_latency_s: list[float]  # per decode step, the time in the L blocks (CPU only; the rest is embedding + head)
     slots: int  # S, the fixed size of the resident set
     slot_bytes: int  # S * bytes per expert: allocated fast memory for experts
     peak_resident_experts: int  # most slots holding (or loading) an expert at once
@@ -113,6 +133,7 @@ class OffloadMetrics:
     prefill_loads: int = 0  # experts the prefill loaded (on demand, A at a time); not in the decode counters above
     prefill_bytes: int = 0
     prefill_stall_s: float | None = None
+    copier: str = "none"  # who ran the asynchronous CPU copies: process, thread, or none (sync only / cuda)
 
     @property
     def needed(self) -> int:
@@ -130,6 +151,10 @@ class OffloadMetrics:
     @property
     def median_latency_s(self) -> float:
         return statistics.median(self.token_latency_s) if self.token_latency_s else float("nan")
+
+    @property
+    def median_block_latency_s(self) -> float:
+        return statistics.median(self.block_latency_s) if self.block_latency_s else float("nan")
 
     @property
     def mean_latency_s(self) -> float:
@@ -157,13 +182,16 @@ class GenerationResult:
 class ResidentSet:
     """S preallocated expert slots in fast memory, a key -> slot table, pins and an LRU of unpinned slots.
 
-    Only the engine's main thread reserves, pins and frees slots; the prefetch thread only fills a reserved
-    slot and sets its ``ready`` event, so the table needs no lock.
+    Only the engine's main thread reserves, pins and frees slots; a copier only fills reserved slots, so the table
+    needs no lock. ``flat`` is the slot memory when a copier provides it (shared memory for the copy process).
     """
 
-    def __init__(self, num_slots: int, store: ExpertStore, *, device: torch.device, keep_unpinned: bool):
+    def __init__(self, num_slots: int, store: ExpertStore, *, device: torch.device, keep_unpinned: bool,
+                 flat: torch.Tensor | None = None):
         s = num_slots
-        self.flat = torch.empty(s, store.expert_numel, dtype=store.dtype, device=device)  # one row per slot
+        if flat is None:
+            flat = torch.empty(s, store.expert_numel, dtype=store.dtype, device=device)  # one row per slot
+        self.flat = flat
         self.w1, self.b1, self.w2, self.b2 = store.unflatten(self.flat)  # (S, D, H), (S, H), (S, H, D), (S, D)
         self.num_slots = s
         self.keep_unpinned = keep_unpinned
@@ -172,7 +200,6 @@ class ResidentSet:
         self.pins = [0] * s
         self.free = list(range(s - 1, -1, -1))
         self.lru: collections.OrderedDict[int, None] = collections.OrderedDict()
-        self.ready = [threading.Event() for _ in range(s)]  # CPU tiers: set when the slot's bytes are in
         self.ready_at = [0.0] * s  # CPU tiers: perf_counter instant the tier says the bytes arrive (emulated link)
         self.cuda_ready: list = [None] * s  # cuda tier: event recorded after the copy
         self.cuda_free: list = [None] * s  # cuda tier: event recorded after the slot's last use
@@ -198,7 +225,6 @@ class ResidentSet:
         self.key[slot] = key
         self.table[key] = slot
         self.pins[slot] = 1
-        self.ready[slot].clear()
         self.ready_at[slot] = 0.0
         self.cuda_ready[slot] = None
         self.peak = max(self.peak, len(self.table))
@@ -271,23 +297,28 @@ class OffloadEngine:
         base = {"resident": self.num_layers * self.num_experts, "on_demand": self.active,
                 "prefetch_all": self.num_experts + self.active, "pregated": 2 * self.active}[self.config.policy]
         lru = 0 if self.config.policy == "resident" else self.config.lru_slots
+        t0 = time.perf_counter()
+        self._copier = None  # copies issued ahead of need on a CPU tier (prefetch_all, pregated)
+        kind = self._copier_kind()
+        if kind == "process":
+            try:
+                self._copier = ProcessCopier(self.store, base + lru, evict=bool(process_evicts(self.tier)))
+            except OSError as e:  # no child processes here (a sandbox, no sys.executable): the thread still works
+                if self.config.copier == "process":
+                    raise ConfigError(f"cannot start the expert copy process ({e}); use copier='thread'") from None
+                kind = "thread"
         self.pool = ResidentSet(base + lru, self.store, device=self.device,
-                                keep_unpinned=lru > 0 or self.config.policy == "resident")
+                                keep_unpinned=lru > 0 or self.config.policy == "resident",
+                                flat=None if self._copier is None else self._copier.flat)
+        if kind == "thread":
+            self._copier = ThreadCopier(self.tier, self.store, self.pool.tensors)
         for _name, mod in self._fast_modules():
             mod.to(self.device)
         self._held: dict[int, list[int]] = collections.defaultdict(list)  # block -> slots pinned for it
-        self._jobs: collections.deque = collections.deque()
-        self._cv = threading.Condition()
-        self._bytes_lock = threading.Lock()
+        self._block_s: list[float] = []  # per decode step: time in the blocks
         self._stop = False
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
         self._reset_counters()
-        t0 = time.perf_counter()
         self.tier.open(self.store)
-        if not self.tier.asynchronous and self.config.policy in ("prefetch_all", "pregated"):
-            self._thread = threading.Thread(target=self._worker, name=THREAD_NAME, daemon=True)
-            self._thread.start()
         if self.config.policy == "resident":
             for layer in range(self.num_layers):
                 for e in range(self.num_experts):
@@ -299,6 +330,17 @@ class OffloadEngine:
         self.setup_s = time.perf_counter() - t0
 
     # ----- plumbing ----------------------------------------------------------------------------------------
+    def _copier_kind(self) -> str | None:
+        """Which copier runs this engine's asynchronous CPU copies (None: no asynchronous CPU copies)."""
+        want = self.config.copier
+        if self.tier.asynchronous or self.config.policy not in ("prefetch_all", "pregated"):
+            return None
+        can = process_copier_available() and process_evicts(self.tier) is not None
+        if want == "process" and not can:
+            raise ConfigError(f"copier='process' needs Linux and a built-in CPU tier (mmap, disk, link); tier "
+                              f"{type(self.tier).__name__} on {sys.platform}: use copier='thread'")
+        return "process" if want == "process" or (want == "auto" and can) else "thread"
+
     def _fast_modules(self):
         m = self.model
         yield "embed_tokens", m.embed_tokens
@@ -317,24 +359,6 @@ class OffloadEngine:
         self.max_needed = 0
         self.stolen = 0
 
-    def _worker(self) -> None:
-        """The prefetch thread: fill reserved slots in FIFO order; a failure is re-raised on the main thread."""
-        while True:
-            with self._cv:
-                while not self._jobs and not self._stop:
-                    self._cv.wait()
-                if self._stop:
-                    return
-                slot, key = self._jobs.popleft()
-            try:
-                n = self.tier.load(self.store, *key, self.pool.tensors(slot))
-                with self._bytes_lock:
-                    self.bytes_moved += n
-            except BaseException as e:  # noqa: BLE001 - surfaced by _wait on the main thread
-                self._error = e
-            finally:
-                self.pool.ready[slot].set()
-
     def _load_async(self, slot: int, key: tuple[int, int]) -> None:
         """Queue a copy on the asynchronous (CUDA) tier; the slot is ready when its event fires."""
         self.pool.cuda_ready[slot] = self.tier.load(self.store, *key, self.pool.tensors(slot),
@@ -347,10 +371,7 @@ class OffloadEngine:
             self._load_async(slot, key)
         else:
             self.pool.ready_at[slot] = self.tier.reserve(self.store.expert_bytes)
-            n = self.tier.load(self.store, *key, self.pool.tensors(slot))
-            with self._bytes_lock:
-                self.bytes_moved += n
-            self.pool.ready[slot].set()  # usable from pool.ready_at[slot]: the caller waits for that
+            self.bytes_moved += self.tier.load(self.store, *key, self.pool.tensors(slot))  # usable from ready_at
 
     def prefetch(self, layer: int, experts) -> None:
         """Start loading ``experts`` of ``layer`` (pinned for that block); resident ones are only pinned."""
@@ -368,36 +389,24 @@ class OffloadEngine:
                     self._load_async(slot, key)
                 else:
                     self.pool.ready_at[slot] = self.tier.reserve(self.store.expert_bytes)  # issued now
+                    self.bytes_moved += self.store.expert_bytes
                     jobs.append((slot, key))
             self._held[layer].append(slot)
         if jobs:
-            with self._cv:
-                self._jobs.extend(jobs)
-                self._cv.notify()
+            self._copier.submit(jobs)
 
-    def _steal(self, slot: int) -> bool:
-        """If the prefetch thread has not started ``slot``'s load yet, do it on this thread (a busy machine can
-        take milliseconds to schedule the thread; the data is needed now). Returns whether it did."""
-        with self._cv:
-            job = next((j for j in self._jobs if j[0] == slot), None)
-            if job is None:
-                return False
-            self._jobs.remove(job)
-        self.stolen += 1
-        n = self.tier.load(self.store, *job[1], self.pool.tensors(slot))
-        with self._bytes_lock:
-            self.bytes_moved += n
-        self.pool.ready[slot].set()
-        return True
+    def _pending(self, slot: int) -> bool:
+        """Whether a copier still owes ``slot``'s bytes (raises a failed copy's error)."""
+        return self._copier is not None and self._copier.pending(slot)
 
     def cancel(self) -> int:
-        """Drop queued (not yet started) prefetches and free their slots; returns how many were dropped."""
-        with self._cv:
-            dropped = list(self._jobs)
-            self._jobs.clear()
+        """Drop queued (not yet started) prefetches and free their slots; returns how many were dropped.
+        (The thread copier can drop what it has not started; the process copier's jobs are all in flight.)"""
+        dropped = self._copier.cancel() if self._copier is not None else []
         for slot, key in dropped:
             self.loads -= 1
             self.prefetches -= 1
+            self.bytes_moved -= self.store.expert_bytes
             held = self._held.get(key[0], [])
             while slot in held:
                 held.remove(slot)
@@ -434,17 +443,14 @@ class OffloadEngine:
                         self.hits += 1
                     else:
                         self.late += 1
-                elif self.pool.ready[slot].is_set() and self.pool.ready_at[slot] <= time.perf_counter():
+                elif not self._pending(slot) and self.pool.ready_at[slot] <= time.perf_counter():
                     self.hits += 1
                 else:
                     self.late += 1
                     waited = True
-                    if not self._steal(slot):
-                        self.pool.ready[slot].wait()
+                    if self._pending(slot):
+                        self.stolen += self._copier.wait(slot)  # the thread copier runs a queued job here
                     until = max(until, self.pool.ready_at[slot])
-            if self._error is not None:
-                err, self._error = self._error, None
-                raise err
             if not cpu and self.pool.cuda_ready[slot] is not None:
                 torch.cuda.current_stream(self.device).wait_event(self.pool.cuda_ready[slot])
             slots[int(e)] = slot
@@ -462,21 +468,17 @@ class OffloadEngine:
         extra = [s for s in held if s not in needed]
         if not extra:
             return
-        extra_set = set(extra)
-        with self._cv:
-            cancelled = [job for job in self._jobs if job[0] in extra_set]
-            for job in cancelled:
-                self._jobs.remove(job)
-        cancelled_slots = {job[0] for job in cancelled}
+        cancelled = {job[0] for job in self._copier.cancel(set(extra))} if self._copier is not None else set()
         for slot in extra:
-            if slot in cancelled_slots:
+            if slot in cancelled:
                 self.loads -= 1
                 self.prefetches -= 1
+                self.bytes_moved -= self.store.expert_bytes
                 self.pool.drop(slot)
                 continue
-            if not self.tier.asynchronous and not self.pool.ready[slot].is_set():
+            if self._pending(slot):
                 t0 = time.perf_counter()
-                self.pool.ready[slot].wait()  # the copy thread writes this slot: wait before freeing it
+                self._copier.wait(slot)  # the copier writes this slot: wait before freeing it
                 self.stall_s += time.perf_counter() - t0
             self.pool.unpin(slot)
         self._held[layer] = [s for s in held if s in needed]
@@ -566,6 +568,7 @@ class OffloadEngine:
         live = None if real is None else real[:, pos:pos + 1]
         x = m.embed_tokens(col)  # (B, 1, D)
         next_routing = None
+        t0 = time.perf_counter()
         for i, blk in enumerate(m.layers):
             x = blk.attend(x, cos, sin, cache=caches[i], start=pos, real=real)
             u = blk.mlp_norm(x)
@@ -579,6 +582,8 @@ class OffloadEngine:
                     self.prefetch(i + 1, range(self.num_experts))
             x = x + self._moe(u, routing, slots, live)
             self.release(i)
+        if self.device.type == "cpu":  # (on a GPU the host's clock says nothing without a sync)
+            self._block_s.append(time.perf_counter() - t0)
         return m.lm_head(m.norm(x))[:, -1]
 
     @torch.no_grad()
@@ -623,7 +628,7 @@ class OffloadEngine:
         prefill_s = time.perf_counter() - t_start
         prefill_loads, prefill_bytes, prefill_stall = self.loads, self.bytes_moved, None if cuda else self.stall_s
         self._reset_counters()  # the counters below are the decode's (the paper's metrics)
-        new, lat = [col], []
+        new, lat, self._block_s = [col], [], []
         all_logits = [logits.detach().cpu()] if return_logits else []
         for pos in range(p, total - 1):  # decode: one token per step
             t0 = time.perf_counter()
@@ -639,29 +644,27 @@ class OffloadEngine:
         s = self.store.expert_bytes
         metrics = OffloadMetrics(
             policy=self.config.policy, tier=self.tier.describe(), lru_slots=self.config.lru_slots, batch=b,
-            prompt_tokens=p, new_tokens=len(new), token_latency_s=lat, slots=self.pool.num_slots,
+            prompt_tokens=p, new_tokens=len(new), token_latency_s=lat, block_latency_s=self._block_s,
+            slots=self.pool.num_slots,
             slot_bytes=self.pool.num_slots * s, peak_resident_experts=self.pool.peak,
             peak_resident_bytes=self.pool.peak * s, active_experts_per_block=self.max_needed,
             bytes_moved=self.bytes_moved, loads=self.loads, prefetches=self.prefetches, hits=self.hits,
             late=self.late, misses=self.misses, misses_per_block=list(self.misses_per_block),
             stall_s=None if cuda else self.stall_s, steps=len(lat), stolen=self.stolen, setup_s=self.setup_s,
             wall_s=wall, prefill_s=prefill_s, prefill_loads=prefill_loads, prefill_bytes=prefill_bytes,
-            prefill_stall_s=prefill_stall)
+            prefill_stall_s=prefill_stall, copier=self._copier.kind if self._copier is not None else "none")
         return GenerationResult(tokens=torch.cat(new, dim=1).cpu(), metrics=metrics, logits=all_logits)
 
     # ----- shutdown -----------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Cancel queued prefetches, stop and join the prefetch thread, close the tier and the store."""
+        """Cancel queued prefetches, stop the copier (join its thread or reap its process), close the tier and the
+        store."""
         if self._stop:
             return
+        self._stop = True
         self.cancel()
-        with self._cv:
-            self._stop = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            if self._thread.is_alive():
-                raise RuntimeError("the expert prefetch thread did not stop")
+        if self._copier is not None:
+            self._copier.close()
         self.tier.close()
         if self._own_store:
             self.store.close()

@@ -162,6 +162,10 @@ class ExpertStore:
             out.append(flat[..., off:off + n].unflatten(-1, shape))
         return out
 
+    def fileno(self) -> int:
+        """The store's open file descriptor (the copy process reads through it: the same file this store checked)."""
+        return self._fd
+
     def evict(self, layer: int, expert: int) -> None:
         """Drop the expert's bytes from the page cache (posix_fadvise DONTNEED), so the next read hits the disk."""
         os.posix_fadvise(self._fd, self.spans[(layer, expert)], self.expert_bytes, os.POSIX_FADV_DONTNEED)

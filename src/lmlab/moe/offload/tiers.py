@@ -18,8 +18,9 @@ returns the ``time.perf_counter()`` instant from which the expert may be used (0
   ``non_blocking=True`` on a side CUDA stream; readiness is a CUDA event the compute stream waits on.
 
 CPU-emulation caveat: on a GPU the copy engine moves bytes without the SM or the host CPU; in the emulated link
-the bytes are still memcpy'd by a CPU thread (the sleep is the rest of the link time), so on a 2-core machine
-a transfer steals a little compute time that a real DMA transfer would not.
+the bytes are still copied by a CPU core: by the engine's copy process for prefetches (its own core and GIL, the
+nearest stand-in for a DMA engine; see :mod:`lmlab.moe.offload.copier`), by the decoding thread itself for
+on-demand loads. The link's time (latency + bytes / bandwidth) is a reserved time-line on top of that copy.
 """
 
 from __future__ import annotations
