@@ -305,6 +305,19 @@ def test_copy_process_failures_are_clear_errors(setup, tmp_path):
             eng.ensure(key[0], [key[1]])
 
 
+def test_copy_worker_fails_in_one_line():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import lmlab.moe.offload.copier as copier
+
+    worker = Path(copier.__file__).with_name("_copy_worker.py")
+    r = subprocess.run([sys.executable, "-I", "-S", str(worker), "999", "998", "997", "996", "16", "2"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_link_tier_is_serial_and_bandwidth_limited(setup):
     model, path = setup
     tier = LinkTier(0.05, latency_us=100)  # 50 MB/s: one 17 kB expert ~ 0.44 ms

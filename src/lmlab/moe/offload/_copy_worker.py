@@ -50,3 +50,6 @@ if __name__ == "__main__":
         serve(*map(int, sys.argv[1:7]))
     except (BrokenPipeError, KeyboardInterrupt):  # the engine went away
         pass
+    except Exception as e:  # noqa: BLE001 - one line, not a traceback: the engine reports the exit itself
+        sys.stderr.write(f"lmlab expert copy process: {type(e).__name__}: {e}\n")
+        sys.exit(1)
