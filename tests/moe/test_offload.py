@@ -1,5 +1,6 @@
 """The offloaded MoE engine: identical outputs across policies/tiers, budgets, misses, prefetch, shutdown, errors."""
 
+import gc
 import os
 import threading
 import time
@@ -282,6 +283,11 @@ def test_copy_process_is_reaped_on_close_even_with_copies_in_flight(setup):
     eng.close()
     assert proc.poll() is not None and not _prefetch_threads()
     eng.close()  # idempotent
+    eng = OffloadEngine(model, path, config=OffloadConfig(policy="pregated", copier="process"))
+    proc = eng._copier.proc
+    del eng  # never closed: collecting the engine still stops its copy process
+    gc.collect()
+    assert proc.poll() is not None
 
 
 def test_copy_process_failures_are_clear_errors(setup, tmp_path):

@@ -26,6 +26,7 @@ import select
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -169,7 +170,8 @@ class ProcessCopier:
         self._pending: set[int] = set()
         self._failed: dict[int, int] = {}
         self._tail = b""
-        self._closed = False
+        # close() runs this; so does garbage collection of a copier whose engine was never closed
+        self._shutdown = weakref.finalize(self, _shutdown_child, self.proc, self._jobs_w, self._done_r, self._memfd)
 
     def submit(self, jobs: list[tuple[int, tuple[int, int]]]) -> None:
         for slot, _ in jobs:
@@ -230,15 +232,16 @@ class ProcessCopier:
 
     def close(self) -> None:
         """Close the jobs pipe (the child finishes what it has and exits), reap it, release the fds."""
-        if self._closed:
-            return
-        self._closed = True
-        os.close(self._jobs_w)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self._done_r)
-        os.close(self._memfd)
+        self._shutdown()
         self._pending.clear()
+
+
+def _shutdown_child(proc: subprocess.Popen, jobs_w: int, done_r: int, memfd: int) -> None:
+    os.close(jobs_w)  # the child reads EOF and exits
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    os.close(done_r)
+    os.close(memfd)
