@@ -126,7 +126,7 @@ class OffloadMetrics:
     misses_per_block: list[int]
     stall_s: float | None  # host time waiting for experts, all steps (None on CUDA: waits happen on the device)
     steps: int  # decode steps run: new tokens - 1 (the first new token comes from the prefill)
-    stolen: int  # prefetches the main thread ran itself because the prefetch thread had not started them
+    stolen: int  # prefetches the main thread ran itself because the thread copier had not started them
     setup_s: float  # loading the resident set / pinning host copies (engine creation), not in latencies
     wall_s: float = 0.0
     prefill_s: float = 0.0  # the prompt's pass: time to the first new token
@@ -463,7 +463,7 @@ class OffloadEngine:
 
     def _drop_unneeded(self, layer: int, needed: set[int]) -> None:
         """Unpin what was prefetched for ``layer`` but is not needed (prefetch_all): queued loads are cancelled,
-        a load in flight is waited for (a CPU slot cannot be reused while the prefetch thread writes it)."""
+        a load in flight is waited for (a CPU slot cannot be reused while a copier writes it)."""
         held = self._held[layer]
         extra = [s for s in held if s not in needed]
         if not extra:

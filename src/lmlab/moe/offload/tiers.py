@@ -39,7 +39,7 @@ TIERS = ("mmap", "disk", "link", "cuda")
 
 class PageCacheTier:
     name = "mmap"
-    asynchronous = False  # loads run on the calling thread (the engine's prefetch thread or the main thread)
+    asynchronous = False  # load() copies before it returns (on the engine's thread copier or its main thread)
 
     def open(self, store: ExpertStore) -> None:
         pass
