@@ -22,6 +22,7 @@ thread's GIL: the difference between the two rows is that cost); a C++/CUDA engi
 
     python benchmarks/pregated.py                      # CPU: mmap, disk, link tiers + sweep -> results/pregated.json
     PYTHONPATH=src python3 benchmarks/pregated.py --preset gpu   # GPU: cuda tier (writes $OUT/pregated_cuda.json)
+    python benchmarks/pregated.py --gpu-results pregated_cuda.json   # CPU run that records that GPU run too
 """
 
 from __future__ import annotations
@@ -151,6 +152,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="default results/pregated.json ($OUT/pregated_cuda.json for gpu)")
     ap.add_argument("--plot", default=None, help="PNG path (default: beside --out)")
+    ap.add_argument("--gpu-results", nargs="*", default=[],
+                    help="CPU run: --preset gpu result files to record under `gpu` (earlier ones are kept)")
     args = ap.parse_args()
     preset = PRESETS[args.preset or ("gpu" if args.tiers == "cuda" else "cpu")]
     for key, val in preset.items():
@@ -283,7 +286,7 @@ def main() -> None:
                     if "pregated/thread" in h and copier != "thread" else ""))
         reproduced += ("; CPU emulation of a link: its time is a reserved time-line and the bytes are copied by "
                        f"the {copier} copier, not a GPU's copy engine")
-        gpu = recorded_gpu(args.out)
+        gpu = recorded_gpu(args.out, args.gpu_results)
         if gpu:  # GPU runs recorded earlier in this file (a CPU run cannot measure them): kept, and summarised
             results["gpu"] = gpu
             runs = sorted((r for r in gpu.values() if isinstance(r, dict) and "pregated_over_resident" in r),
@@ -330,13 +333,24 @@ def main() -> None:
         print(f"wrote {args.out} (matplotlib missing: no plot)")
 
 
-def recorded_gpu(path: str) -> dict | None:
-    """The ``gpu`` block of an earlier results file: GPU runs (``--preset gpu`` output, copied in verbatim), which
-    a CPU run keeps rather than drops."""
+def recorded_gpu(path: str, new_runs: list[str]) -> dict | None:
+    """GPU runs to keep beside a CPU run: the ``gpu`` block of the earlier results file at ``path`` (a CPU run keeps
+    rather than drops it), updated with the ``--preset gpu`` result files ``new_runs`` (``--gpu-results``), each
+    stored verbatim under ``expert_hidden_<H>``."""
     try:
-        return json.loads(Path(path).read_text()).get("gpu")
+        gpu = json.loads(Path(path).read_text()).get("gpu") or {}
     except (OSError, ValueError, AttributeError):
-        return None
+        gpu = {}
+    for f in new_runs:
+        try:
+            run = json.loads(Path(f).read_text())
+            key = f"expert_hidden_{run['config']['expert_hidden']}"
+            if run.get("device") != "cuda":
+                raise ValueError("not a --preset gpu run")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            sys.exit(f"--gpu-results {f}: not a results file of `benchmarks/pregated.py --preset gpu` ({e})")
+        gpu[key] = run
+    return gpu or None
 
 
 def print_table(tier: str, res: dict, variants, active: int, expert_bytes: int) -> None:
