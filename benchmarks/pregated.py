@@ -215,7 +215,7 @@ def main() -> None:
     def link_factory():
         return make_tier("link", gbps=link["gbps"], latency_us=args.latency_us)
 
-    def relink(ratio: float):  # (per round) the link's speed from the round's resident latency
+    def relink(ratio: float):  # returns the per-round hook: link speed from the resident run's time in the blocks
         link.update(gbps=link_gbps(ratio), rounds=[])
 
         def update(resident_blocks_s: float) -> None:
