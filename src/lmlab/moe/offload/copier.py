@@ -216,13 +216,10 @@ class ProcessCopier:
         return slot in self._pending
 
     def wait(self, slot: int) -> bool:
-        """Block until ``slot``'s bytes are in (never runs a job itself: returns False)."""
+        """Block until ``slot``'s bytes are in (never runs a job itself: returns False). A dead child closes the
+        done pipe, which ``_drain`` reads as EOF and reports."""
         while slot in self._pending:
             self._drain(1.0)
-            if slot in self._pending and self.proc.poll() is not None:
-                self._drain(0)
-                if slot in self._pending:
-                    self._died()
         self.check()
         return False
 

@@ -443,12 +443,12 @@ class OffloadEngine:
                         self.hits += 1
                     else:
                         self.late += 1
-                elif not self._pending(slot) and self.pool.ready_at[slot] <= time.perf_counter():
+                elif not (pending := self._pending(slot)) and self.pool.ready_at[slot] <= time.perf_counter():
                     self.hits += 1
                 else:
                     self.late += 1
                     waited = True
-                    if self._pending(slot):
+                    if pending:
                         self.stolen += self._copier.wait(slot)  # the thread copier runs a queued job here
                     until = max(until, self.pool.ready_at[slot])
             if not cpu and self.pool.cuda_ready[slot] is not None:
