@@ -6,6 +6,11 @@ medians compared (ratio = ours / baseline time; < 1 is faster):
                           vs DenseMLP(hidden=H). Target (issue 5): <= 1.3.
 - token_choice_vs_dense:  lmlab TokenChoiceMoE top-1, capacity 1.0 vs DenseMLP(hidden=H).
 - expert_choice_vs_dense: lmlab ExpertChoiceMoE capacity 1.0 vs DenseMLP(hidden=H).
+- bank_vs_dense:          the expert bank alone (lmlab Experts on the B*T rows split E ways, no router) vs
+                          DenseMLP(hidden=H): the same FLOPs, but E weight matrices, each with its own gradient
+                          reduced over B*T/E rows. Soft MoE cannot cost less than this plus its routing, whose
+                          matmuls (logits, dispatch, combine) add 1.5 T / H of the experts' FLOPs (recorded as
+                          ``routing_flops_over_expert_flops``): the floor under the soft_vs_dense ratio.
 - soft_vs_soft_moe_pytorch: same shapes, soft-moe-pytorch's SoftMoE (Python loop over experts). Target <= 1.0.
 - token_choice_vs_st_moe_pytorch: top-2 vs st-moe-pytorch's MoE (top-2, capacity_factor_train 1.25; one-hot
   dispatch tensors, GEGLU experts of equal parameter count, loop over experts). st-moe's capacity is
@@ -77,6 +82,8 @@ def fwd_bwd(layer, x, kind: str) -> None:
     if kind == "lmlab":
         out = layer(x)
         loss = out.y.square().mean() + out.aux_loss
+    elif kind == "bank":  # the Experts module alone: (B, T, D) viewed as (E, B*T/E, D)
+        loss = layer(x.view(layer.num_experts, -1, x.shape[-1])).square().mean()
     elif kind == "st":
         out = layer(x)
         loss = out.outputs.square().mean() + out.total_aux_loss
@@ -98,8 +105,8 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def time_pair(base, base_kind, ours, x, *, repeats: int, inner: int) -> dict:
-    layers = {"baseline": (base, base_kind), "ours": (ours, "lmlab")}
+def time_pair(base, base_kind, ours, x, *, repeats: int, inner: int, ours_kind: str = "lmlab") -> dict:
+    layers = {"baseline": (base, base_kind), "ours": (ours, ours_kind)}
     for layer, kind in layers.values():  # warm-up (the allocator's cached blocks, the pages they sit on)
         for _ in range(5):
             fwd_bwd(layer, x, kind)
@@ -150,6 +157,8 @@ def main() -> None:
     pairs = {}
     soft = SoftMoE(d, hidden=h, num_experts=e, slots_per_expert=t // e).to(dev)
     pairs["soft_vs_dense"] = time_pair(dense, "lmlab", soft, x, repeats=args.repeats, inner=args.inner)
+    pairs["bank_vs_dense"] = time_pair(dense, "lmlab", soft.experts, x, repeats=args.repeats, inner=args.inner,
+                                       ours_kind="bank")
     pairs["soft_vs_dense_no_input_grad"] = time_pair(dense, "lmlab", soft, x.detach(), repeats=args.repeats,
                                                      inner=args.inner)
     tc1 = TokenChoiceMoE(d, hidden=h, num_experts=e, k=1, capacity_factor=1.0).to(dev)
@@ -184,6 +193,8 @@ def main() -> None:
               f"{p['ours_page_faults_per_call']:.0f}")
     device_name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     soft_ratio = pairs["soft_vs_dense"]["ratio"]
+    bank_ratio = pairs["bank_vs_dense"]["ratio"]
+    routing_flops = 1.5 * t / h  # (logits + dispatch + combine: 6 T D ES) / (experts: 4 ES D H), fwd and bwd alike
     peer_ratios = {k: v["ratio"] for k, v in pairs.items() if "pytorch" in k}
     ok_soft = soft_ratio <= SOFT_TARGET
     ok_peers = all(r <= 1.0 for r in peer_ratios.values())
@@ -193,7 +204,9 @@ def main() -> None:
         "paper": "Soft MoE adds little cost over dense at equal slots (2308.00951 Sec. 2.2, 3.3)",
         "ours": f"soft/dense {soft_ratio:.2f}x, token-choice/dense {pairs['token_choice_vs_dense']['ratio']:.2f}x, "
                 f"expert-choice/dense {pairs['expert_choice_vs_dense']['ratio']:.2f}x "
-                f"(soft/dense {pairs['soft_vs_dense_no_input_grad']['ratio']:.2f}x as a network's first op); "
+                f"(soft/dense {pairs['soft_vs_dense_no_input_grad']['ratio']:.2f}x as a network's first op; "
+                f"the expert bank alone {bank_ratio:.2f}x dense, and routing's matmuls add {routing_flops:.1%} of "
+                f"the experts' FLOPs, so {bank_ratio + routing_flops:.2f}x is the floor before any element-wise op); "
                 + ", ".join(f"{k.split('_vs_')[1]} {v:.2f}x" for k, v in peer_ratios.items())
                 + f" (B={b}, T={t}, D={d}, H={h}, E={e}, {device_name}, {args.threads} thread(s), fwd+bwd medians, "
                 + "input with gradient as inside a model, "
@@ -205,7 +218,8 @@ def main() -> None:
                       + ("no slower" if ok_peers else "faster on some pair"),
     }
     write_json_atomic(args.out, {
-        "benchmark": "moe", "summary": summary, "config": vars(args), "pairs": pairs, "peers": peers,
+        "benchmark": "moe", "summary": summary, "routing_flops_over_expert_flops": routing_flops,
+        "config": vars(args), "pairs": pairs, "peers": peers,
         "env": {"torch": torch.__version__, "device": device_name, "THP_MEM_ALLOC_ENABLE": thp, "mallopt": MALLOPT,
                 "threads": torch.get_num_threads(), "machine": platform.machine(),
                 "python": platform.python_version()},
