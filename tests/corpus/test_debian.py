@@ -1,5 +1,6 @@
 """The Debian harvesters on a fake filesystem root (fast, independent of what this machine has installed)."""
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -106,6 +107,39 @@ def test_man_rendering_and_the_troff_fallback(fx):
     plain = formats.strip_troff(fx.MAN_PAGE)
     assert "The hello program prints a friendly greeting" in plain and "\\f" not in plain and ".TH" not in plain
     assert formats.is_man_alias(b".so man1/hello.1\n") and not formats.is_man_alias(fx.MAN_PAGE.encode())
+
+
+MDOC_PAGE = """.Dd $Mdocdate$
+.Dt TOOL 1
+.Os
+.Sh NAME
+.Nm tool
+.Nd a page that gives no date of its own
+.Sh DESCRIPTION
+The tool does one thing.
+"""
+DAY_400 = 400 * 86400  # 1971-02-05 UTC
+
+
+@pytest.mark.skipif(shutil.which("groff") is None, reason="needs groff")
+def test_man_pages_are_dated_by_the_caller_not_the_clock():
+    """An mdoc page with ``.Dd $Mdocdate$`` is dated by ``render(date=...)``, so the same bytes render the same
+    text on any day (groff would otherwise print today's date)."""
+    r = ManRenderer()
+    text = r.render(MDOC_PAGE.encode(), date=DAY_400)
+    assert "February 5, 1971" in text and text == r.render(MDOC_PAGE.encode(), date=DAY_400)
+    assert "February 6, 1971" in r.render(MDOC_PAGE.encode(), date=DAY_400 + 86400)
+
+
+@pytest.mark.skipif(shutil.which("groff") is None, reason="needs groff")
+def test_harvested_man_pages_carry_the_file_date(tmp_path, fx):
+    """The Debian harvester dates a page by its file's mtime (dpkg sets it from the package)."""
+    fr = fx.FakeRoot(tmp_path / "root")
+    fr.package("tool", {"/usr/share/man/man1/tool.1.gz": fx.gz(MDOC_PAGE)}, copyright=fx.PLAIN_MIT)
+    root = fr.write_status()
+    os.utime(root / "usr/share/man/man1/tool.1.gz", (DAY_400, DAY_400))
+    _, docs = harvest(root)
+    assert "February 5, 1971" in docs["/usr/share/man/man1/tool.1.gz"].text
 
 
 def test_dictd_reader(tmp_path, fx):

@@ -240,8 +240,9 @@ class DebianPackageReader:
 
     def _render(self, path: str) -> str | Unreadable:
         try:
-            data = formats.read_maybe_gz(self._checked_size(path))
-            return "" if formats.is_man_alias(data) else self.config.renderer.render(data)
+            local = self._checked_size(path)
+            data = formats.read_maybe_gz(local)
+            return "" if formats.is_man_alias(data) else self.config.renderer.render(data, date=local.stat().st_mtime)
         except Unreadable as e:
             return e
 

@@ -4,9 +4,10 @@
 - :func:`read_maybe_gz`: a file's bytes, gunzipped when it ends in ``.gz`` (or dictzip ``.dz``).
 - :func:`html_to_text`: visible text of an HTML page (stdlib ``html.parser``: the maintained converters
   are GPL (html2text) or pull in a parser stack for what is a 40-line job here).
-- :func:`render_man`: a troff man page rendered to plain text by ``groff`` (Debian's ``man`` uses the
-  same formatter), hyphenation and justification off; where groff is missing, :func:`strip_troff`
-  keeps the text of the requests and drops the markup (documented fallback, not a typesetter).
+- :class:`ManRenderer`: a troff man page rendered to plain text by ``groff`` (Debian's ``man`` uses the
+  same formatter), hyphenation and justification off, dated by the caller rather than by the clock; where
+  groff is missing, :func:`strip_troff` keeps the text of the requests and drops the markup (documented
+  fallback, not a typesetter).
 - :func:`dictd_entries`: entries of a dictd dictionary (``.index`` + ``.dict.dz``, as in ``dict-gcide``).
 - :func:`sword_books`: books of a SWORD ``zText`` Bible module (as in ``sword-text-web``), OSIS markup
   stripped, footnotes dropped.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import html
+import os
 import re
 import shutil
 import struct
@@ -112,14 +114,20 @@ class ManRenderer:
     def groff(self) -> str | None:
         return shutil.which("groff")
 
-    def render(self, data: bytes) -> str:
+    def render(self, data: bytes, *, date: float = 0.0) -> str:
+        """The page as text. ``date`` (seconds since the epoch; the harvesters pass the page file's mtime,
+        which dpkg sets from the package) is the date groff prints where a page gives none: mdoc pages that
+        say ``.Dd $Mdocdate$`` (tmux, OpenSSH) would otherwise be dated today, so the same package would
+        render differently, and a corpus built from it would differ, from one day to the next."""
         groff = self.groff
         if groff is None:
             return strip_troff(decode_text(data))
         # .ad l: no justification (no runs of spaces); -rHY=0: no hyphenation; -P-cbou: no overstrike or SGR
         cmd = [groff, "-k", "-Tutf8", "-mandoc", "-rHY=0", f"-rLL={self.width}n", "-P-cbou"]
+        env = {**os.environ, "SOURCE_DATE_EPOCH": str(max(0, int(date)))}  # groff's clock (its \n[year] etc.)
         try:
-            out = subprocess.run(cmd, input=b".ad l\n" + data, capture_output=True, timeout=self.timeout_s, check=False)
+            out = subprocess.run(cmd, input=b".ad l\n" + data, capture_output=True, timeout=self.timeout_s,
+                                 check=False, env=env)
         except subprocess.TimeoutExpired:
             raise Unreadable("unreadable", f"groff took over {self.timeout_s:.0f} s") from None
         if out.returncode != 0 or not out.stdout.strip():
