@@ -27,41 +27,49 @@ def run(parametric, knn, reference, ric=None):
     return {"perplexity": {"restricted": row, "permissive": dict(row)}, "gap_closed": {"restricted": {"knn_lm": gap}}}
 
 
-def test_the_headline_is_the_gap_of_the_means_not_the_mean_of_the_gaps(recipe):
-    # seed 1's reference is barely better than its parametric LM: its own fraction is 155.4 / 0.8 = 19425%
-    per_seed = {"0": run(376.0, 228.0, 280.0), "1": run(371.7, 216.3, 370.9), "2": run(332.0, 194.0, 291.0)}
-    mean, std, gaps = recipe.aggregate(per_seed)
-    r = mean["restricted"]
-    assert r["parametric"] == pytest.approx((376.0 + 371.7 + 332.0) / 3)
-    assert gaps["restricted"]["knn_lm"] == pytest.approx((r["parametric"] - r["knn_lm"]) / (r["parametric"]
-                                                                                           - r["reference"]))
-    assert std["restricted"]["reference"] == pytest.approx(statistics.stdev([280.0, 370.9, 291.0]))
-    s = recipe.make_summary(mean, gaps, None, "python recipes/silo.py", std=std, per_seed=per_seed)
-    assert s["ours"].startswith(f"{gaps['restricted']['knn_lm']:.0%} closed (means of 3 seeds)")
-    assert "±" in s["ours"] and f"seed 1: {155.4 / 0.8:.0%}" in s["reproduced"] and s["reproduced"].startswith("yes")
-    assert "kNN-LM beats both LMs in every seed" in s["reproduced"]
+def test_seeds_are_compared_within_seed_then_averaged(recipe):
+    # seed 1's reference is barely better than its parametric LM: its own fraction is 155.4 / 0.8 = 19425%;
+    # seed 2's test packages are harder (every perplexity higher)
+    per_seed = {"0": run(376.0, 228.0, 280.0), "1": run(371.7, 216.3, 370.9), "2": run(558.6, 441.8, 537.6)}
+    agg = recipe.aggregate(per_seed)
+    knn = [1 - 228.0 / 376.0, 1 - 216.3 / 371.7, 1 - 441.8 / 558.6]
+    ref = [1 - 280.0 / 376.0, 1 - 370.9 / 371.7, 1 - 537.6 / 558.6]
+    assert agg["drop"]["restricted"]["knn_lm"] == pytest.approx(statistics.fmean(knn))
+    assert agg["drop_std"]["restricted"]["reference"] == pytest.approx(statistics.stdev(ref))
+    assert agg["gap_closed"]["restricted"]["knn_lm"] == pytest.approx(statistics.fmean(knn) / statistics.fmean(ref))
+    assert agg["perplexity"]["restricted"]["parametric"] == pytest.approx((376.0 + 371.7 + 558.6) / 3)
+    s = recipe.make_summary(agg, None, "python recipes/silo.py", per_seed=per_seed)
+    g = agg["gap_closed"]["restricted"]["knn_lm"]
+    knn_pm = f"{statistics.fmean(knn) * 100:.0f}±{statistics.stdev(knn) * 100:.0f}%"
+    assert s["ours"].startswith(f"{g:.0%} of the gap closed (3 seeds): restricted test perplexity {knn_pm} lower with")
+    assert "seed 1: parametric 371.7, kNN-LM 216.3, reference 370.9" in s["ours"]
+    fractions = ", ".join(f"{f:.0%}" for f in (148 / 96, 155.4 / 0.8, 116.8 / 21.0))
+    assert f"The seeds' own fractions ({fractions})" in s["reproduced"]
+    assert s["reproduced"].startswith("yes") and "kNN-LM beats both LMs in every seed" in s["reproduced"]
 
 
-def test_one_seed_and_an_undefined_gap(recipe):
+def test_one_seed_is_the_plain_gap_and_an_undefined_gap_is_no(recipe):
     one = {"0": run(300.0, 200.0, 250.0)}
-    mean, std, gaps = recipe.aggregate(one)
-    s = recipe.make_summary(mean, gaps, None, "cmd", std=std, per_seed=one)
-    assert s["ours"].startswith("200% closed: ") and "±" not in s["ours"] and "Per seed" not in s["reproduced"]
+    agg = recipe.aggregate(one)
+    assert agg["gap_closed"]["restricted"]["knn_lm"] == pytest.approx((300 - 200) / (300 - 250))
+    s = recipe.make_summary(agg, None, "cmd", per_seed=one)
+    assert s["ours"].startswith("200% of the gap closed (1 seed): restricted test perplexity 33% lower with kNN-LM")
+    assert "±" not in s["ours"] and "seeds' own fractions" not in s["reproduced"]
     worse = {"0": run(300.0, 200.0, 310.0), "1": run(300.0, 220.0, 305.0)}
-    mean, std, gaps = recipe.aggregate(worse)
-    assert math.isnan(gaps["restricted"]["knn_lm"])
-    s = recipe.make_summary(mean, gaps, None, "cmd", std=std, per_seed=worse)
+    agg = recipe.aggregate(worse)
+    assert math.isnan(agg["gap_closed"]["restricted"]["knn_lm"])
+    s = recipe.make_summary(agg, None, "cmd", per_seed=worse)
     assert s["ours"].startswith("gap undefined") and s["reproduced"].startswith("no: the reference LM")
 
 
-def test_resummarize_reads_the_recorded_seeds(recipe, tmp_path):
+def test_resummarize_recomputes_from_the_recorded_seeds(recipe, tmp_path):
     per_seed = {"0": run(376.0, 228.0, 280.0), "1": run(332.0, 194.0, 291.0)}
-    mean, std, gaps = recipe.aggregate(per_seed)
     out = tmp_path / "silo.json"
-    out.write_text(json.dumps({"summary": {"command": "cmd"}, "perplexity": mean, "perplexity_std": std,
-                               "gap_closed": gaps, "per_seed": per_seed, "smollm2": None}))
+    out.write_text(json.dumps({"summary": {"command": "cmd"}, "per_seed": per_seed, "smollm2": None}))
     assert recipe.main(["--resummarize", "--out", str(out)]) == 0
-    assert "(means of 2 seeds)" in json.loads(out.read_text())["summary"]["ours"]
+    got = json.loads(out.read_text())
+    assert "(2 seeds)" in got["summary"]["ours"]
+    assert got["gap_closed"] == recipe.aggregate(per_seed)["gap_closed"]
 
 
 def test_bad_seeds_are_one_line():
