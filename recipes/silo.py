@@ -15,9 +15,10 @@ saw), then
 
 - once per seed (a seed draws the package split, the text pools and the LMs' initialisation and data order; the
   corpus is built once and shared): gap closed = (ppl_param - ppl_kNN) / (ppl_param - ppl_ref) on restricted test.
-  The headline is the gap of the perplexities' means over seeds, with every seed's gap beside it: with LMs this
-  small the reference LM's perplexity moves a lot from seed to seed (one seed's reference can be barely better
-  than its parametric LM, and then that seed's fraction means nothing);
+  The headline compares perplexities within each seed, as reductions relative to the parametric LM, averages
+  them over seeds (mean ± std) and takes the gap closed as mean kNN-LM reduction / mean reference reduction
+  (:func:`aggregate`), with every seed's own fraction beside it: with LMs this small the reference LM is often
+  barely better than the parametric one, and then that seed's fraction means nothing;
 - for the first seed: perplexity vs datastore size: copies of the datastore with the documents beyond the first
   fraction opted out, re-tuned at each size (results/silo.png); SmolLM2-135M as the parametric model over a
   (smaller) datastore of the same restricted documents.
