@@ -63,7 +63,10 @@ def test_experiment_runs_resumes_and_keeps_pools_apart(tmp_path, corpus):
         assert all(0 < v < float("inf") for v in row.values())
     assert res["tuned"]["best"]["k"] in (4, 16)
     assert res["sample"]["tokens"] and "neighbours" in res["sample"]["tokens"][0]
-    assert "gap closed by kNN-LM" in format_table(res["table"], res["gap_closed"])
+    text = format_table(res["table"], res["gap_closed"])
+    r = res["table"]["restricted"]
+    assert "gap closed by kNN-LM" in text
+    assert f"{r['reference'] / r['parametric'] - 1:+14.1%}" in text.splitlines()[-3]  # reference vs parametric
     json.dumps({k: v for k, v in res.items() if k != "generation"})  # the results are plain JSON
 
     # a second run finds every stage's output and gives the same numbers without retraining

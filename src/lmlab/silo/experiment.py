@@ -324,6 +324,10 @@ def format_table(table: dict, gaps: dict) -> str:
     lines = [f"{'test perplexity':32s}" + "".join(f"{d:>14s}" for d in doms)]
     for label, key in rows:
         lines.append(f"{label:32s}" + "".join(f"{table[d][key]:14.1f}" for d in doms))
+    # the gap's size beside its fraction: where the reference is barely better than the parametric LM, a large
+    # fraction says more about the reference than about the datastore
+    for key, label in (("knn_lm", "kNN-LM vs parametric"), ("reference", "reference vs parametric")):
+        lines.append(f"{label:32s}" + "".join(f"{table[d][key] / table[d]['parametric'] - 1:+14.1%}" for d in doms))
     for key, label in (("knn_lm", "gap closed by kNN-LM"), ("ric_lm", "gap closed by RIC-LM")):
         lines.append(f"{label:32s}" + "".join(
             f"{'n/a':>14s}" if math.isnan(gaps[d][key]) else f"{round(gaps[d][key], 2) + 0.0:14.0%}" for d in doms))
