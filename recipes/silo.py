@@ -66,9 +66,11 @@ def aggregate(per_seed: dict) -> dict:
     the reference is not better), and the mean perplexities (``perplexity``). Not a mean of the seeds' fractions:
     a seed whose reference is barely better than its parametric LM has a near-zero denominator, and its fraction
     (thousands of percent) would swamp it."""
+    from lmlab.silo.experiment import vs_parametric
+
     tables = [r["perplexity"] for r in per_seed.values()]
     doms = list(tables[0])
-    drops = {dom: {m: [1 - t[dom][m] / t[dom]["parametric"] for t in tables] for m in METHODS} for dom in doms}
+    drops = {dom: {m: [-vs_parametric(t[dom], m) for t in tables] for m in METHODS} for dom in doms}
     drop = {dom: {m: statistics.fmean(v) for m, v in drops[dom].items()} for dom in doms}
     drop_std = {dom: {m: statistics.stdev(v) if len(v) > 1 else 0.0 for m, v in drops[dom].items()} for dom in doms}
     gaps = {dom: {m: drop[dom][m] / drop[dom]["reference"] if drop[dom]["reference"] > 0 else float("nan")
@@ -222,7 +224,7 @@ def main(argv=None) -> int:
         except LmlabError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        corpus = corpus or str(Path(cfg.work) / "corpus")  # built by the first seed, shared by the others
+        corpus = corpus or str(exp.corpus_dir)  # built by the first seed, shared by the others
         print(format_table(exp.table, exp.gaps), flush=True)
         per_seed[str(seed)] = {"perplexity": exp.table, "gap_closed": exp.gaps, "tuned": res["tuned"],
                                "test_tokens": res["test_tokens"], "pools_mb": exp.pool_mb,

@@ -93,6 +93,11 @@ def gap_closed(parametric: float, reference: float, ours: float) -> float:
     return (parametric - ours) / den if den > 0 else float("nan")
 
 
+def vs_parametric(row: dict, method: str) -> float:
+    """``row[method]``'s perplexity relative to the parametric LM's: -0.3 is 30% lower."""
+    return row[method] / row["parametric"] - 1
+
+
 def _train_job(cfg: ExperimentConfig, name: str) -> str:
     """Entry point of a training process (spawned): one thread, rebuilds the pools from the split."""
     import torch
@@ -109,6 +114,7 @@ class SiloExperiment:
     def __init__(self, config: ExperimentConfig, *, echo: Callable[[str], None] = print):
         self.cfg = config
         self.work = Path(config.work)
+        self.corpus_dir = Path(config.corpus) if config.corpus else self.work / "corpus"  # built there if missing
         self.echo = echo
         self.t0 = time.perf_counter()
 
@@ -126,7 +132,7 @@ class SiloExperiment:
             raise ConfigError(f"ric_block_tokens ({cfg.ric_block_tokens}) must leave at least 2 of the seq_len "
                               f"({cfg.seq_len}) positions to the scored window")
         self.work.mkdir(parents=True, exist_ok=True)
-        corpus = Path(cfg.corpus) if cfg.corpus else self.work / "corpus"
+        corpus = self.corpus_dir
         if not cfg.corpus and not (corpus / "manifest.json").is_file():
             self.log(f"building a licensed corpus from {', '.join(cfg.from_specs)} into {corpus} "
                      f"(at most {cfg.max_mb_per_source} MB a package; resumable)")
@@ -327,7 +333,7 @@ def format_table(table: dict, gaps: dict) -> str:
     # the gap's size beside its fraction: where the reference is barely better than the parametric LM, a large
     # fraction says more about the reference than about the datastore
     for key, label in (("knn_lm", "kNN-LM vs parametric"), ("reference", "reference vs parametric")):
-        lines.append(f"{label:32s}" + "".join(f"{table[d][key] / table[d]['parametric'] - 1:+14.1%}" for d in doms))
+        lines.append(f"{label:32s}" + "".join(f"{vs_parametric(table[d], key):+14.1%}" for d in doms))
     for key, label in (("knn_lm", "gap closed by kNN-LM"), ("ric_lm", "gap closed by RIC-LM")):
         lines.append(f"{label:32s}" + "".join(
             f"{'n/a':>14s}" if math.isnan(gaps[d][key]) else f"{round(gaps[d][key], 2) + 0.0:14.0%}" for d in doms))

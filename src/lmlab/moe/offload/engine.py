@@ -404,14 +404,18 @@ class OffloadEngine:
         (The thread copier can drop what it has not started; the process copier's jobs are all in flight.)"""
         dropped = self._copier.cancel() if self._copier is not None else []
         for slot, key in dropped:
-            self.loads -= 1
-            self.prefetches -= 1
-            self.bytes_moved -= self.store.expert_bytes
             held = self._held.get(key[0], [])
             while slot in held:
                 held.remove(slot)
-            self.pool.drop(slot)
+            self._forget_prefetch(slot)
         return len(dropped)
+
+    def _forget_prefetch(self, slot: int) -> None:
+        """A prefetch cancelled before it started: take back what :meth:`prefetch` counted and free its slot."""
+        self.loads -= 1
+        self.prefetches -= 1
+        self.bytes_moved -= self.store.expert_bytes
+        self.pool.drop(slot)
 
     def ensure(self, layer: int, experts) -> dict[int, int]:
         """Make ``experts`` of ``layer`` usable; returns expert -> slot. Counts hits, late prefetches and misses.
@@ -471,10 +475,7 @@ class OffloadEngine:
         cancelled = {job[0] for job in self._copier.cancel(set(extra))} if self._copier is not None else set()
         for slot in extra:
             if slot in cancelled:
-                self.loads -= 1
-                self.prefetches -= 1
-                self.bytes_moved -= self.store.expert_bytes
-                self.pool.drop(slot)
+                self._forget_prefetch(slot)
                 continue
             if self._pending(slot):
                 t0 = time.perf_counter()
