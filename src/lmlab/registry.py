@@ -52,7 +52,8 @@ TECHNIQUES: tuple[Technique, ...] = (
     _t("soft-moe", "From Sparse to Soft Mixtures of Experts", "2308.00951",
        "moe", "lmlab.moe.soft_moe", "lmlab moe train --mlp soft", "recipes/soft_moe.py", "works",
        "Soft MoE, token- and expert-choice layers in a ViT; claim not reproduced on Fashion-MNIST; "
-       "Soft MoE fwd+bwd 1.38x dense (1.27-1.42 over eight runs; target 1.3x; its expert bank alone 1.10-1.15x)"),
+       "Soft MoE fwd+bwd 1.35x dense at batch 16 (median within-round ratio, 1.34-1.35 over three runs; "
+       "target 1.3x; its expert bank alone 1.08-1.13x), 1.23-1.26x at batch 32 and 64"),
     _t("gist", "GIST: Generating Image-Specific Text for Fine-grained Object Classification", "2307.11315",
        "vision", "lmlab.vision.gist", "", "", "planned",
        "needs a vision-language model; no CLIP weights are installable offline here"),
