@@ -77,7 +77,8 @@ def main() -> None:
     if args.catalog:
         cat = load_catalog(args.catalog)
     else:
-        folder = Path(tempfile.mkdtemp(prefix="lmlab-gcloud-")) / "catalog"
+        tmp = tempfile.TemporaryDirectory(prefix="lmlab-gcloud-")  # removed when the benchmark exits
+        folder = Path(tmp.name) / "catalog"
         cat = save_catalog(ingest_manpages([args.man]), folder, info={"source": "manpages"})
     queries = [e.request for e in build_benchmark(cat).split("test")][:args.queries]
     results = {}

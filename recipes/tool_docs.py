@@ -25,6 +25,7 @@ Nothing is tuned: budget, r and k are fixed in advance, so the val split is not 
 model loaded at a time); the default (SmolLM2 alone, 20 requests) runs in about 10 minutes on 2 cores.
 
     python recipes/tool_docs.py [--limit 20 --model smollm2-135m [--model gemma3-270m] --budget 768]
+    python recipes/tool_docs.py --rescore [--catalog DIR]  # re-score the stored predictions after a scorer fix
 """
 
 from __future__ import annotations
@@ -176,6 +177,34 @@ def resummarise(path: str) -> None:
     print(f"rewrote the summary of {path} and {data['plot']}")
 
 
+def rescore(path: str, *, man: str, catalog: str | None) -> None:
+    """Re-score every stored prediction of an existing results file with the current comparator and validator,
+    then redo its scores, summary and plot (no model runs: the records keep each request, gold and pred)."""
+    import json
+
+    from lmlab.io import write_json_atomic
+    from lmlab.tools.cloud_cli import build_benchmark, validate
+    from lmlab.tools.manpages import manpage_catalog
+    from lmlab.tools.prompting import rescore as rescore_records
+
+    data = json.loads(Path(path).read_text())
+    cat = manpage_catalog(man, catalog=catalog)
+    bench = build_benchmark(cat)
+    data["benchmark"] = {**bench.stats(), "gold_commands_passing_validator":
+                         sum(validate(e.command, cat).ok for e in bench.examples) / len(bench.examples)}
+    for row in data["rows"]:
+        scores, data["records"][row["model"]][row["name"]] = rescore_records(data["records"][row["model"]][row["name"]],
+                                                                             cat)
+        row["scores"] = scores.to_json()
+        print(f"{row['model']} {row['name']:8s} path {scores.path_accuracy:.3f} flagF1 {scores.flag_f1:.3f} "
+              f"exact {scores.exact_match:.3f} valid {scores.valid_rate:.3f}")
+    seed = str(data["config"]["seed"])
+    data["per_seed"] = {seed: {m: {r["name"]: r["scores"] for r in data["rows"] if r["model"] == m}
+                               for m in dict.fromkeys(r["model"] for r in data["rows"])}}
+    write_json_atomic(path, data)
+    resummarise(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--man", default="/usr/share/man/man1/gcloud_*.1.gz")
@@ -195,7 +224,13 @@ def main() -> None:
     ap.add_argument("--out", default="results/tool_docs.json")
     ap.add_argument("--resummarise", action="store_true",
                     help="only recompute --out's summary and plot from its stored rows and records (no model runs)")
+    ap.add_argument("--rescore", action="store_true",
+                    help="re-score --out's stored predictions with the current scorer (--catalog or --man gives "
+                         "the catalogue), then recompute its summary and plot (no model runs)")
     args = ap.parse_args()
+    if args.rescore:
+        rescore(args.out, man=args.man, catalog=args.catalog)
+        return
     if args.resummarise:
         resummarise(args.out)
         return

@@ -2,6 +2,9 @@ import subprocess
 import sys
 import time
 
+import click
+import pytest
+
 from lmlab.cli import main
 
 
@@ -57,3 +60,24 @@ def test_perplexity_command_on_a_local_model(tmp_path, tiny, capsys):
     out = capsys.readouterr().out
     ppl = float(out.split("perplexity ")[1].split()[0])
     assert 1.0 < ppl < 2 * len(tiny.tokenizer)
+
+
+@pytest.mark.parametrize("exc, rc, message", [
+    (KeyboardInterrupt(), 130, "lmlab: interrupted"),
+    (EOFError("stream ended"), 1, "lmlab: error: EOFError: stream ended"),  # click wraps it in Abort too
+    (click.Abort(), 1, "lmlab: aborted"),
+])
+def test_only_ctrl_c_is_reported_as_an_interrupt(monkeypatch, capsys, exc, rc, message):
+    import types
+
+    from lmlab import cli as root
+
+    @click.command("boom")
+    def boom():
+        raise exc
+
+    monkeypatch.setitem(sys.modules, "lmlab_test_boom", types.SimpleNamespace(boom=boom))
+    monkeypatch.setitem(root.COMMANDS, "boom", ("lmlab_test_boom:boom", "raises"))
+    assert main(["boom"]) == rc
+    err = capsys.readouterr().err
+    assert message in err and (rc == 130 or "interrupted" not in err)

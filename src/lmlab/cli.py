@@ -87,9 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as e:
         e.show()
         return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("lmlab: interrupted", err=True)
-        return 130
+    except click.exceptions.Abort as e:
+        cause = e.__cause__ or e.__context__  # click turns KeyboardInterrupt and EOFError alike into Abort
+        if isinstance(cause, KeyboardInterrupt):
+            click.echo("lmlab: interrupted", err=True)
+            return 130
+        click.echo(f"lmlab: error: {type(cause).__name__}: {cause}" if cause else "lmlab: aborted", err=True)
+        return 1
     except KeyboardInterrupt:
         click.echo("lmlab: interrupted (what was written so far is intact; re-run to resume)", err=True)
         return 130

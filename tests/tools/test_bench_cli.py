@@ -127,3 +127,32 @@ def test_prompt_command_answers_a_base_model_in_completion_format(catalog, model
     assert "\nreply: gcloud" in out and ("command: gcloud" in out or "no gcloud command in the reply" in out)
     rc = main(["tools", "prompt", str(catalog), "anything", "--mode", "few-shot"])
     assert rc == 2 and "unknown --mode 'few-shot'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["retrieve", "{cat}", "knob", "-k", "-1"], "-k must be at least 1, not -1"),
+    (["bench", "cloud-cli", "--catalog", "{cat}", "--limit", "-1", "--model", "tiny:micro"],
+     "--limit must be at least 1, not -1"),
+    (["bench", "cloud-cli", "--catalog", "{cat}", "--n-demos", "-2", "--model", "tiny:micro"],
+     "--n-demos must be at least 0, not -2"),
+    (["prompt", "{cat}", "knob", "--n-docs", "0"], "--n-docs must be at least 1, not 0"),
+])
+def test_negative_counts_are_one_line(catalog, capsys, args, message):
+    rc = main(["tools", *(a.replace("{cat}", str(catalog)) for a in args)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip().count("\n") == 0 and message in err and "Traceback" not in err
+
+
+def test_bench_without_catalog_leaves_no_folder(model_dir, tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    from lmlab.tools import cli as tools_cli
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(tools_cli, "DEFAULT_MAN", str(FIX / "*.1"))  # the fixture pages stand in for gcloud's
+    rc = main(["tools", "bench", "cloud-cli", "--mode", "none", "--model", model_dir, "--split", "train",
+               "--limit", "1", "--max-tokens", "2", "--budget", "1500"])
+    assert rc == 0 and capsys.readouterr().out.strip().splitlines()[-1].startswith("none: n=1")
+    assert list(scratch.iterdir()) == []

@@ -44,6 +44,28 @@ def test_openapi_rejects_swagger(tmp_path):
         ingest_openapi(p)
 
 
+def test_openapi_string_license_accepted(tmp_path):
+    p = tmp_path / "s.json"
+    ok = {"responses": {"200": {"description": "ok"}}}
+    p.write_text(json.dumps({"openapi": "3.0.0", "info": {"title": "x", "license": "MIT"},
+                             "paths": {"/a": {"get": {"operationId": "a", **ok}}}}))
+    assert [(t.name, t.license) for t in ingest_openapi(p)] == [("a", "MIT")]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ([{"openapi": "3.0.0"}], r"not an OpenAPI 3 document \(a list, not an object\)"),
+    ({"openapi": "3.0.0", "paths": {"/a": None}}, "path item '/a' must be an object, not null"),
+    ({"openapi": "3.0.0", "paths": {"/a": {"get": "list them"}}}, "GET /a must be an object, not str"),
+    ({"openapi": "3.0.0", "paths": {"/a": {"get": {"parameters": [7]}}}}, "a parameter of .*GET /a must be an object"),
+    ({"openapi": "3.0.0", "info": "x", "paths": {}}, "info must be an object"),
+])
+def test_openapi_malformed_specs_are_data_errors(tmp_path, spec, message):
+    p = tmp_path / "s.json"
+    p.write_text(json.dumps(spec))
+    with pytest.raises(DataError, match=message):
+        ingest_openapi(p)
+
+
 def test_catalog_roundtrip_and_checksum(tmp_path):
     tools = ingest_manpages(FIX)
     out = tmp_path / "cat"
@@ -90,12 +112,38 @@ def test_cli_prompt_prints_budgeted_prompt(tmp_path):
     assert tokens <= 200
 
 
-def test_manpage_catalog_ingests_or_reuses(tmp_path):
+def test_manpage_catalog_ingests_or_reuses(tmp_path, monkeypatch):
+    import tempfile
+
     from lmlab.tools.manpages import manpage_catalog
 
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     fresh = manpage_catalog(FIX)
+    assert list(scratch.iterdir()) == []  # the ingested copy is not left behind
     names = sorted(t.name for t in fresh)
     assert names and all(n.startswith("gcloud demo") for n in names)
     saved = save_catalog(ingest_manpages(FIX), tmp_path / "cat", info={"source": "test"})
     assert sorted(t.name for t in manpage_catalog("/no/such/man", catalog=tmp_path / "cat")) == \
         sorted(t.name for t in saved)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble", "delete"])
+def test_damaged_records_are_a_data_error_without_verify(tmp_path, capsys, damage):
+    from lmlab.cli import main
+
+    out = tmp_path / "cat"
+    save_catalog(ingest_manpages(FIX), out, info={"source": "test"})
+    records = out / "tools.jsonl"
+    if damage == "truncate":
+        records.write_bytes(records.read_bytes()[:300])
+    elif damage == "garble":  # same size, so only the parse catches it
+        records.write_bytes(b"x" + records.read_bytes()[1:])
+    else:
+        records.unlink()
+    with pytest.raises(DataError, match="tools.jsonl is missing or corrupted"):
+        load_catalog(out, verify=False)
+    assert main(["tools", "show", str(out), "gcloud demo gadgets delete"]) == 2
+    err = capsys.readouterr().err
+    assert "tools.jsonl is missing or corrupted: re-run `lmlab tools ingest`" in err and "Traceback" not in err

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from lmlab.tools.catalog import Catalog, Example, Tool
+from lmlab.tools.catalog import Catalog, Example, Parameter, Tool
 from lmlab.tools.cloud_cli import (
     CliBenchmarkConfig,
     aggregate,
@@ -122,3 +122,59 @@ def test_extract_command():
 def test_extract_command_from_prose():
     assert extract_command("The command `gcloud a b` is used to do it. `gcloud c`") == "gcloud a b"
     assert extract_command("You can run gcloud a b --c=d") == "gcloud a b --c=d"
+
+
+@pytest.fixture(scope="module")
+def consts():
+    """Commands whose examples use upper-case constants next to documented metavars (as gcloud's pages do)."""
+    return Catalog([
+        Tool("gcloud builds triggers create manual", "d", parameters=(
+            Parameter("--name", metavar="NAME"), Parameter("--repo-type", metavar="REPO_TYPE"),
+            Parameter("--labels", type="array", metavar="[KEY=VALUE,...]"))),
+        Tool("gcloud spanner operations list", "d", parameters=(
+            Parameter("--backup", metavar="BACKUP"), Parameter("--type", metavar="TYPE"),
+            Parameter("--filter", metavar="EXPRESSION"))),
+        Tool("gcloud compute instances create", "d", parameters=(
+            Parameter("INSTANCE_NAME", kind="positional", required=True, metavar="INSTANCE_NAME"),
+            Parameter("--size", metavar="SIZE"), Parameter("--source-instance", metavar="SOURCE_INSTANCE"),
+            Parameter("--network", metavar="NETWORK"), Parameter("--copy-from", metavar="SOURCE"),
+            Parameter("--spec", enum=("rsa-2048", "rsa-4096"), metavar="SPEC"),
+            Parameter("--event-types", type="array", enum=("OBJECT_FINALIZE", "OBJECT_DELETE"),
+                      metavar="[EVENT_TYPE,...]"))),
+    ])
+
+
+@pytest.mark.parametrize("gold, pred", [
+    ("gcloud builds triggers create manual --name=t --repo-type=GITHUB",
+     "gcloud builds triggers create manual --name=t --repo-type=BITBUCKET_SERVER"),
+    # BACKUP is --backup's metavar, but in --type's value it is a constant
+    ("gcloud spanner operations list --type=BACKUP", "gcloud spanner operations list --type=DATABASE"),
+    ("gcloud spanner operations list --filter=status:ACTIVE", "gcloud spanner operations list --filter=status:DONE"),
+])
+def test_upper_case_constants_are_not_placeholders(consts, gold, pred):
+    c = compare(gold, pred, catalog=consts)
+    assert not c.exact and c.flag_value_f1 < 1
+    assert compare(gold, gold, catalog=consts).exact
+
+
+def test_documented_names_are_placeholders(consts):
+    gold = ("gcloud compute instances create INSTANCE_NAME --size=SIZE --network=projects/PROJECT_ID/networks/NET_NAME "
+            "--copy-from=projects/p/instances/SOURCE_INSTANCE")
+    pred = ("gcloud compute instances create vm-1 --size=10GB --network=projects/p1/networks/n1 "
+            "--copy-from=projects/p/instances/i9")
+    assert compare(gold, pred, catalog=consts).exact
+    assert compare("gcloud builds triggers create manual --name=NAME --labels=KEY1=VALUE1,KEY2=VALUE2",
+                   "gcloud builds triggers create manual --name=t1 --labels=env=prod,team=ml", catalog=consts).exact
+    # another flag's metavar outside a resource path is a literal
+    assert not compare("gcloud compute instances create vm --size=SOURCE_INSTANCE",
+                       "gcloud compute instances create vm --size=10GB", catalog=consts).exact
+
+
+def test_validator_enum_values(cat, consts):
+    assert validate("gcloud demo widgets create w --zone=a --source-image=i --color=COLOR", cat).ok  # its metavar
+    assert validate("gcloud demo widgets create w --zone=a --source-image=i --color=RED", cat).ok
+    assert not validate("gcloud demo widgets create w --zone=a --source-image=i --color=PINK", cat).ok
+    assert validate("gcloud compute instances create vm --spec=RSA_4096 --event-types=OBJECT_FINALIZE,OBJECT_DELETE",
+                    consts).ok
+    errors = validate("gcloud compute instances create vm --event-types=OBJECT_FINALIZE,OBJECT_GONE", consts).errors
+    assert errors and "is not one of OBJECT_FINALIZE, OBJECT_DELETE" in errors[0]

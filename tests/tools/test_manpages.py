@@ -127,3 +127,41 @@ def test_malformed_table_drops_the_table_not_the_page():
     assert page.sections["DESCRIPTION"].split("\n\n") == ["Attach tags to a widget. Tag kinds:",
                                                             "Tags are kept until the widget is deleted."]
     assert any(i.term.startswith("--scopes") and "bigquery\t" in i.description for i in page.items)
+
+
+def test_damaged_gz_is_a_data_error_and_skipped_on_ingest(tmp_path):
+    import gzip
+    import logging
+
+    page = gzip.compress((FIX / "gcloud_demo_widgets_create.1").read_bytes())
+    (tmp_path / "gcloud_demo_widgets_create.1.gz").write_bytes(page)
+    (tmp_path / "gcloud_demo_widgets_list.1.gz").write_bytes(page[:len(page) // 2])  # truncated: EOFError
+    (tmp_path / "gcloud_demo_gadgets_delete.1.gz").write_bytes(b"\x1f\x8bgarbage")  # BadGzipFile
+    for bad in ("gcloud_demo_widgets_list.1.gz", "gcloud_demo_gadgets_delete.1.gz"):
+        with pytest.raises(DataError, match="not a readable man page"):
+            read_manpage(tmp_path / bad)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # the CLI may have stopped "lmlab.tools" propagating to caplog's root handler
+    logging.getLogger("lmlab.tools").addHandler(handler)
+    try:
+        tools = ingest_manpages(tmp_path)
+    finally:
+        logging.getLogger("lmlab.tools").removeHandler(handler)
+    assert [t.name for t in tools] == ["gcloud demo widgets create"]
+    assert sum("not a readable man page" in r.getMessage() for r in records) == 2
+
+
+def test_cli_ingest_warns_about_a_damaged_page(tmp_path, capsys):
+    import gzip
+
+    from lmlab.cli import main
+
+    man = tmp_path / "man"
+    man.mkdir()
+    page = gzip.compress((FIX / "gcloud_demo_widgets_create.1").read_bytes())
+    (man / "gcloud_demo_widgets_list.1.gz").write_bytes(page[:100])
+    assert main(["tools", "ingest", "manpages", str(man), "--out", str(tmp_path / "cat")]) == 2  # nothing left
+    err = capsys.readouterr().err
+    assert "lmlab: warning:" in err and "not a readable man page" in err and "nothing to write" in err
+    assert "interrupted" not in err

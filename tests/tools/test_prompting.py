@@ -160,3 +160,22 @@ def test_oracle_puts_gold_first(tiny):
                                 config=PromptConfig(mode="docs", n_docs=1, oracle=True), **kw)
     assert plain.records[0]["candidates"] == ["gcloud demo widgets list"] and plain.retrieval_recall == 0.0
     assert oracle.records[0]["candidates"] == ["gcloud demo gadgets delete"] and oracle.retrieval_recall == 1.0
+
+
+def test_rescore_stored_records_with_the_current_scorer():
+    from lmlab.tools.prompting import rescore
+
+    gold = "gcloud demo widgets create w1 --zone=ZONE --source-image=i --color=red"
+    records = [
+        {"id": "a", "request": "Create w1", "gold": gold, "pred": "gcloud demo widgets create w1 --zone=us-east1-b "
+         "--source-image=i --color=red", "exact": False, "valid": False, "feedback": ["stale"], "reply": "kept"},
+        {"id": "b", "request": "Create w1", "gold": gold, "pred": "gcloud demo widgets create w1 --zone=us-east1-b "
+         "--source-image=i --color=GREEN", "exact": True, "valid": False},  # a constant, not a placeholder
+        {"id": "c", "request": "Create w1", "gold": gold, "pred": None, "exact": True},
+    ]
+    scores, out = rescore(records, CAT)
+    assert [r["exact"] for r in out] == [True, False, False] and [r["valid"] for r in out] == [True, True, False]
+    assert out[0]["feedback"] == [] and out[0]["reply"] == "kept" and out[2]["feedback"] == [
+        "no gcloud command in the reply"]
+    assert scores.n == 3 and scores.exact_match == pytest.approx(1 / 3) and scores.parse_rate == pytest.approx(2 / 3)
+    assert records[0]["exact"] is False  # the stored records are not modified in place

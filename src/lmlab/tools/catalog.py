@@ -187,6 +187,18 @@ def load_catalog(folder: str | Path, *, verify: bool = True) -> Catalog:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{folder} has catalogue format {manifest.get('format_version')}, this lmlab reads "
                         f"{FORMAT_VERSION}: re-run `lmlab tools ingest`")
-    with open(folder / RECORDS) as f:
-        tools = [Tool.from_json(json.loads(line)) for line in f if line.strip()]
-    return Catalog(tools, manifest=manifest)
+    return Catalog(_read_records(folder, manifest), manifest=manifest)
+
+
+def _read_records(folder: Path, manifest: dict) -> list[Tool]:
+    """The tools of ``tools.jsonl``; a missing, truncated or garbled file is a DataError even without
+    ``verify`` (the CLI skips the checksum): its size is checked against the manifest's record of it."""
+    damaged = DataError(f"{folder}: {RECORDS} is missing or corrupted: re-run `lmlab tools ingest`")
+    size = manifest.get("files", {}).get(RECORDS, {}).get("bytes")
+    try:
+        if size is not None and (folder / RECORDS).stat().st_size != size:
+            raise damaged
+        with open(folder / RECORDS, encoding="utf-8") as f:
+            return [Tool.from_json(json.loads(line)) for line in f if line.strip()]
+    except (OSError, ValueError, TypeError, AttributeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise damaged from None

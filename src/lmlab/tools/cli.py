@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import click
@@ -15,11 +16,38 @@ MODE_HELP = ("none: the request alone (zero-shot baseline); demos: k train examp
              "retrieved commands' documentation (zero-shot); both: demos + docs (few-shot)")
 
 
+class _EchoHandler(logging.Handler):
+    """Log records as ``lmlab: warning: ...`` lines on whatever stderr is current (click.echo)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"lmlab: warning: {record.getMessage()}", err=True)
+
+
+def _warnings_to_stderr() -> None:
+    """Show the ingesters' warnings (e.g. a skipped damaged man page) as one line each."""
+    logger = logging.getLogger("lmlab.tools")
+    if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
+        logger.addHandler(_EchoHandler())
+        logger.propagate = False
+    logger.setLevel(logging.WARNING)
+
+
 def _check_mode(ctx, param, value):
     """--mode as a plain string, so that a wrong one is an LmlabError (one line, exit 2), not a usage dump."""
     if value not in PROMPT_MODES:
         raise ConfigError(f"unknown --mode {value!r}: use one of {', '.join(PROMPT_MODES)}")
     return value
+
+
+def _at_least(lo: int):
+    """An option callback refusing a number below ``lo`` with one line (ConfigError, exit 2), as _check_mode does."""
+
+    def check(ctx, param, value):
+        if value is not None and value < lo:
+            raise ConfigError(f"{param.opts[0]} must be at least {lo}, not {value}")
+        return value
+
+    return check
 
 
 @click.group("tools")
@@ -38,6 +66,7 @@ def tools_group():
 def ingest_command(kind, paths, out, tracks, include_groups, license_):
     """Build a catalogue from man pages (default: the gcloud reference), discovery documents
     (default: those bundled with google-api-python-client) or OpenAPI 3 specs (files or folders)."""
+    _warnings_to_stderr()
     if kind == "manpages":
         from lmlab.tools.manpages import ingest_manpages
 
@@ -77,7 +106,7 @@ def show_command(catalog, name, as_json):
 @click.argument("catalog", type=click.Path(exists=True, file_okay=False))
 @click.argument("request")
 @click.option("--method", type=click.Choice(["bm25", "dense"]), default="bm25", show_default=True)
-@click.option("-k", default=5, show_default=True, help="results to show")
+@click.option("-k", default=5, show_default=True, callback=_at_least(1), help="results to show")
 @click.option("--index", type=click.Path(file_okay=False), default=None,
               help="dense: folder caching the embeddings (built on first use)")
 @click.option("--model", default=None, help="dense: sentence-transformers folder (default all-MiniLM-L6-v2)")
@@ -126,19 +155,22 @@ def bench_group():
 
 @bench_group.command("cloud-cli")
 @click.option("--catalog", type=click.Path(file_okay=False), default=None,
-              help="gcloud catalogue (default: ingest the installed man pages into a temporary folder)")
+              help="gcloud catalogue (default: ingest the installed man pages; nothing is kept on disk)")
 @click.option("--mode", default="docs", show_default=True, callback=_check_mode, help=MODE_HELP)
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="model spec (lmlab.lm.models) or http://host:port/v1#model")
-@click.option("--limit", default=20, show_default=True, help="test requests to evaluate")
+@click.option("--limit", default=20, show_default=True, callback=_at_least(1), help="test requests to evaluate")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
-@click.option("--n-docs", default=3, show_default=True, help="candidate commands documented in the prompt")
-@click.option("--n-demos", default=3, show_default=True, help="demonstrations in demos/both mode")
+@click.option("--n-docs", default=3, show_default=True, callback=_at_least(1),
+              help="candidate commands documented in the prompt")
+@click.option("--n-demos", default=3, show_default=True, callback=_at_least(0),
+              help="demonstrations in demos/both mode")
 @click.option("--budget", default=768, show_default=True, help="prompt token budget")
 @click.option("--retriever", type=click.Choice(["bm25", "dense"]), default="bm25", show_default=True)
-@click.option("--max-tokens", default=64, show_default=True)
+@click.option("--max-tokens", default=64, show_default=True, callback=_at_least(1))
 @click.option("--seed", default=0, show_default=True, help="seed of the request sample")
-@click.option("--threads", default=1, show_default=True, help="torch threads (0: torch's default)")
+@click.option("--threads", default=1, show_default=True, callback=_at_least(0),
+              help="torch threads (0: torch's default)")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="write scores and records as JSON")
 def bench_cloud_cli(catalog, mode, model, limit, split, n_docs, n_demos, budget, retriever, max_tokens, seed,
                     threads, out):
@@ -159,12 +191,14 @@ def bench_cloud_cli(catalog, mode, model, limit, split, n_docs, n_demos, budget,
     from lmlab.tools.prompting import SHOTS, DemoPool, PromptConfig, evaluate_prompting
     from lmlab.tools.retrieve import get_retriever
 
-    if catalog is None:
+    if catalog is None:  # ingested into a folder that is removed once read (the catalogue stays in memory)
         from lmlab.tools.manpages import ingest_manpages
 
-        catalog = Path(tempfile.mkdtemp(prefix="lmlab-gcloud-")) / "catalog"
-        save_catalog(ingest_manpages([DEFAULT_MAN]), catalog, info={"source": "manpages"})
-    cat = load_catalog(catalog, verify=False)
+        with tempfile.TemporaryDirectory(prefix="lmlab-gcloud-") as tmp:
+            cat = save_catalog(ingest_manpages([DEFAULT_MAN]), Path(tmp) / "catalog",
+                               info={"source": "manpages", "inputs": [DEFAULT_MAN]})
+    else:
+        cat = load_catalog(catalog, verify=False)
     bench = build_benchmark(cat)
     pool = bench.split(split)
     examples = random.Random(seed).sample(pool, min(limit, len(pool)))
@@ -190,12 +224,13 @@ def bench_cloud_cli(catalog, mode, model, limit, split, n_docs, n_demos, budget,
 @click.argument("catalog", type=click.Path(exists=True, file_okay=False))
 @click.argument("request")
 @click.option("--mode", default="docs", show_default=True, callback=_check_mode, help=MODE_HELP)
-@click.option("--n-docs", default=3, show_default=True)
-@click.option("--n-demos", default=3, show_default=True, help="demonstrations from the benchmark's train split")
+@click.option("--n-docs", default=3, show_default=True, callback=_at_least(1))
+@click.option("--n-demos", default=3, show_default=True, callback=_at_least(0),
+              help="demonstrations from the benchmark's train split")
 @click.option("--budget", default=768, show_default=True, help="prompt token budget")
 @click.option("--model", default=None, help="answer with this model (spec or http://host:port/v1#model); "
                                             "without it, print the prompt only")
-@click.option("--max-tokens", default=64, show_default=True)
+@click.option("--max-tokens", default=64, show_default=True, callback=_at_least(1))
 def prompt_command(catalog, request, mode, n_docs, n_demos, budget, model, max_tokens):
     """Build the tool-documentation prompt for a request (BM25 candidates); with --model, answer and validate."""
     from lmlab.tools.catalog import load_catalog

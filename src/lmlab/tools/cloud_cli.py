@@ -13,10 +13,11 @@ Debian's ``google-cloud-cli``:
 - :func:`parse_command` / :func:`compare`: commands compared structurally: command path (longest
   prefix naming a catalogue command), positionals, and flags with values (``--flag=value`` equals
   ``--flag value``; order irrelevant; short aliases mapped to their long names; ``_`` equals ``-`` in
-  flag names). Placeholders in the gold command (``example-instance``, ``my-bucket``, ``INSTANCE_NAME``,
-  ``<name>``, ``$VAR``; also as parts of a value such as ``projects/PROJECT_ID/...``) match any value,
-  unless the request spells them out, in which case they must be reproduced. Reported: command-path
-  accuracy, flag-name F1, flag name+value F1, and exact match.
+  flag names). Placeholders in the gold command (``example-instance``, ``my-bucket``, ``<name>``, ``$VAR``,
+  and upper-case words the documentation uses as names, :func:`is_placeholder`; also as parts of a value
+  such as ``projects/PROJECT_ID/...``) match any value, unless the request spells them out, in which case
+  they must be reproduced. An upper-case word that is not documented as a name (``GITHUB``, ``BACKUP``,
+  ``UTC``) is a literal. Reported: command-path accuracy, flag-name F1, flag name+value F1, and exact match.
 - :func:`validate`: a predicted command against its command's documentation (unknown command, unknown
   flag, value outside a documented enum, a value given to a boolean flag, missing required flag or
   positional, none of a required group, too many positionals); the messages are usable as feedback.
@@ -45,9 +46,25 @@ GLOBAL_SHORT = {"-q": "--quiet", "-h": "--help"}
 GLOBAL_FLAGS = {"--access-token-file", "--account", "--billing-project", "--configuration", "--flags-file",
                 "--flatten", "--format", "--help", "--impersonate-service-account", "--log-http", "--project",
                 "--quiet", "--trace-token", "--user-output-enabled", "--no-user-output-enabled", "--verbosity"}
+# metavars of the value-taking gcloud-wide flags, as gcloud(1) documents them
+GLOBAL_METAVARS = {"--access-token-file": "ACCESS_TOKEN_FILE", "--account": "ACCOUNT",
+                   "--billing-project": "BILLING_PROJECT", "--configuration": "CONFIGURATION",
+                   "--flags-file": "YAML_FILE", "--flatten": "[KEY,...]", "--format": "FORMAT",
+                   "--impersonate-service-account": "SERVICE_ACCOUNT_EMAILS", "--project": "PROJECT_ID",
+                   "--trace-token": "TRACE_TOKEN", "--verbosity": "VERBOSITY"}
 _SHELL_OPS = {"|", "||", "&&", ";", ">", ">>", "<", "&", "2>", "2>&1"}
-_PLACEHOLDER_WORD = re.compile(r"(?:(?:my|example|your|some|sample|test)[-_][\w.-]*|"
-                               r"[A-Z][A-Z0-9]*(?:[_-][A-Z0-9]+)+|[A-Z]{3,}[0-9]*|<[^<>]+>|\$\{?[A-Za-z_][A-Za-z0-9_]*\}?|\[[A-Z_]+\])")
+# placeholders by form alone: my-bucket, example-instance, <name>, $VAR / ${VAR}, [PROJECT_ID]
+_PLACEHOLDER_FORM = re.compile(r"(?:my|example|your|some|sample|test)[-_][\w.-]*|<[^<>]+>|"
+                               r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?|\[[A-Z_]+\]")
+_CAPS_WORD = re.compile(r"[A-Z][A-Z0-9]*(?:[_-][A-Z0-9]+)+|[A-Z]{3,}[0-9]*")  # INSTANCE_NAME, ZONE, KEY1
+_NAME_WORDS = re.compile(r"[A-Z][A-Z0-9]*(?:[_-][A-Z0-9]+)*")  # the words of a metavar ("[KEY=VALUE,...]")
+# Words that make an upper-case word a name whatever the command: each occurs in gcloud's metavars and in
+# none of the catalogue's documented enum constants (4,621 GA pages: NAME is part of 159 distinct metavars,
+# ID 140, FILE 141, LOCATION 64, ... and of 0 of the 301 upper-case enum values). PROJECT and KEY are left
+# out on purpose: enum constants use them (PROJECT, PARTITION_KEY_UNSPECIFIED), and so do gold commands
+# (``--request_scope_max_width_preference=PROJECT``); PROJECT_ID, KEY_RING_ID etc. still count through ID.
+_NAME_TOKENS = frozenset({"NAME", "NAMES", "ID", "IDS", "NUM", "NUMBER", "ZONE", "REGION", "LOCATION", "ACCOUNT",
+                          "EMAIL", "FILE", "DIR", "URI", "URL", "KEYRING", "VALUE", "VAL", "ARG"})
 _SEGMENTS = re.compile(r"[^/,=:@]+|[/,=:@]")
 
 
@@ -174,17 +191,49 @@ def parse_command(command: str, catalog: Catalog | None = None) -> ParsedCommand
 
 # -- comparison --------------------------------------------------------------------------------------
 
-def _pattern(value: str, request: str, literals: frozenset[str] = frozenset()) -> re.Pattern | None:
+def metavar_names(*metavars: str) -> frozenset[str]:
+    """The upper-case words of metavars and positional names (``"[KEY=VALUE,...]"`` -> KEY, VALUE)."""
+    return frozenset(w for m in metavars for w in _NAME_WORDS.findall(m))
+
+
+def documented_names(tool: Tool) -> frozenset[str]:
+    """Every name the command's documentation gives a value: its positionals and all its flags' metavars."""
+    return metavar_names(*(p.metavar for p in tool.parameters),
+                         *(p.name for p in tool.parameters if p.kind == "positional"))
+
+
+def is_placeholder(part: str, names: frozenset[str] = frozenset()) -> bool:
+    """Whether a part of a gold value stands for a value to fill in rather than a literal.
+
+    Placeholders by form (``_PLACEHOLDER_FORM``), and upper-case words that are a documented name
+    (``names``: the metavar of the flag the value belongs to, or the command's positional names), a
+    numbered one (``KEY1`` for ``KEY``), start with MY/YOUR/EXAMPLE, or contain a name word
+    (``_NAME_TOKENS``: ``INSTANCE_NAME``, ``PROJECT_ID``, ``KMS_LOCATION``). Other upper-case words
+    (``GITHUB``, ``BACKUP``, ``ACTIVE``, ``UTC``) are constants: a wrong one must not score as a match.
+    """
+    if _PLACEHOLDER_FORM.fullmatch(part):
+        return True
+    if not _CAPS_WORD.fullmatch(part):
+        return False
+    if part in names or part.rstrip("0123456789") in names:
+        return True
+    words = [w.rstrip("0123456789") for w in re.split(r"[_-]", part)]
+    return words[0] in ("MY", "YOUR", "EXAMPLE") or any(w in _NAME_TOKENS for w in words)
+
+
+def _pattern(value: str, request: str, literals: frozenset[str] = frozenset(),
+             names: frozenset[str] = frozenset()) -> re.Pattern | None:
     """A regex for a gold value with placeholders as wildcards (None: compare literally).
 
-    A part is a placeholder when it looks like one (``_PLACEHOLDER_WORD``), the request does not spell
-    it out, and it is not a documented enum value of the command (``literals``, upper-cased).
+    A part is a placeholder when :func:`is_placeholder` says so given the documented ``names``, the
+    request does not spell it out, and it is not a documented enum value of the command (``literals``,
+    upper-cased).
     """
     parts = _SEGMENTS.findall(value)
     wild = False
     out = []
     for part in parts:
-        if _PLACEHOLDER_WORD.fullmatch(part) and part not in request and part.upper() not in literals:
+        if is_placeholder(part, names) and part not in request and part.upper() not in literals:
             out.append(".+")
             wild = True
         else:
@@ -193,15 +242,23 @@ def _pattern(value: str, request: str, literals: frozenset[str] = frozenset()) -
 
 
 def value_matches(gold: str | None, pred: str | None, request: str = "",
-                  literals: frozenset[str] = frozenset()) -> bool:
+                  literals: frozenset[str] = frozenset(), names: frozenset[str] = frozenset()) -> bool:
     """Equal values, or a prediction that fills the gold value's placeholders (module docstring)."""
     if gold is None or pred is None:
         return gold is None and pred is None
     g, p = gold.strip().rstrip("/"), pred.strip().rstrip("/")
     if g == p:
         return True
-    pat = _pattern(g, request, literals)
+    pat = _pattern(g, request, literals, names)
     return bool(pat and pat.fullmatch(p))
+
+
+def _value_names(value: str | None, own: frozenset[str], documented: frozenset[str]) -> frozenset[str]:
+    """The names that are placeholders in one value: its own metavar's (or the positionals'), and in a
+    resource path (``projects/SOURCE_PROJECT/instances/SOURCE_INSTANCE``) every name of the command,
+    since constants do not appear there. A flag's value is not judged by another flag's metavar: in
+    ``--type=BACKUP`` BACKUP is a constant even though the command has ``--backup=BACKUP``."""
+    return own | documented if value and "/" in value else own
 
 
 @dataclass(frozen=True)
@@ -239,8 +296,15 @@ def compare(gold: str | ParsedCommand, pred: str | ParsedCommand | None, *, cata
     path_ok = g.path == p.path
     tool = catalog.get(g.name) if catalog is not None else None
     lits = frozenset(e.upper() for q in tool.parameters for e in q.enum) if tool is not None else frozenset()
+    documented = documented_names(tool) if tool is not None else frozenset()
+    table = flag_table(tool) if tool is not None else {}
+    positional = metavar_names(*(q.name for q in tool.parameters if q.kind == "positional")) if tool is not None \
+        else frozenset()
+    flag_names = {k: metavar_names(GLOBAL_METAVARS.get(k, ""), getattr(table.get(k), "metavar", ""))
+                  for k in g.flags}
     pos_ok = len(g.positionals) == len(p.positionals) and all(
-        value_matches(a, b, request, lits) for a, b in zip(g.positionals, p.positionals, strict=True))
+        value_matches(a, b, request, lits, _value_names(a, positional, documented))
+        for a, b in zip(g.positionals, p.positionals, strict=True))
     names_g, names_p = set(g.flags), set(p.flags)
     fp, fr, ff = _f1(len(names_g & names_p), len(names_p), len(names_g))
     pairs_g = [(k, v) for k, vs in g.flags.items() for v in vs]
@@ -249,7 +313,8 @@ def compare(gold: str | ParsedCommand, pred: str | ParsedCommand | None, *, cata
     tp = 0
     for k, v in pairs_g:
         for j, (k2, v2) in enumerate(pairs_p):
-            if not used[j] and k == k2 and value_matches(v, v2, request, lits):
+            if not used[j] and k == k2 and value_matches(v, v2, request, lits,
+                                                          _value_names(v, flag_names[k], documented)):
                 used[j] = True
                 tp += 1
                 break
@@ -298,6 +363,22 @@ class Validation:
     tool: str | None
 
 
+def _enum_key(value: str) -> str:
+    """gcloud takes an enum value in either spelling: ``RSA_4096`` is ``rsa-4096``."""
+    return value.lower().replace("_", "-")
+
+
+def _outside_enum(value: str, p) -> bool:
+    """Whether a flag value names no documented enum value. A list flag's items are checked one by one;
+    ``key=value`` items (the enum belongs to one key), empty items and placeholders (``--color=COLOR``)
+    are not checked."""
+    allowed = {_enum_key(e) for e in p.enum}
+    names = metavar_names(p.metavar)
+    items = value.split(",") if p.type == "array" else [value]
+    return any(_enum_key(v) not in allowed and not is_placeholder(v, names)
+               for v in items if v and not (p.type == "array" and "=" in v))
+
+
 def validate(command: str, catalog: Catalog, *, program: str = PROGRAM) -> Validation:
     """Check a command against the documented flags and arguments of its command (module docstring)."""
     try:
@@ -330,10 +411,8 @@ def validate(command: str, catalog: Catalog, *, program: str = PROGRAM) -> Valid
         if p.type != "boolean" and any(v is None for v in values):
             errors.append(f"{name} needs a value ({name}={p.metavar or 'VALUE'})")
         if p.enum:
-            allowed = {e.lower() for e in p.enum}
-            for v in values:
-                if v is not None and v.lower() not in allowed and not _PLACEHOLDER_WORD.fullmatch(v):
-                    errors.append(f"{name}={v} is not one of {', '.join(p.enum)}")
+            bad = [v for v in values if v is not None and _outside_enum(v, p)]
+            errors += [f"{name}={v} is not one of {', '.join(p.enum)}" for v in bad]
     given = set(cmd.flags)
     for p in tool.parameters:
         if p.kind == "flag" and p.required and _norm(p.name) not in given and not ({_norm(a) for a in p.aliases}

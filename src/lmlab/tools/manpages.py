@@ -25,13 +25,17 @@ as empty cells), and man pages of other generators beyond what the same requests
 from __future__ import annotations
 
 import gzip
+import logging
 import re
 import shlex
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmlab.errors import DataError
 from lmlab.tools.catalog import Example, Parameter, Tool
+
+log = logging.getLogger("lmlab.tools")
 
 _ESCAPE = re.compile(r"\\(f(?:\(..|\[[^\]]*\]|.)|\(..|\[[^\]]*\]|\*.|.)")
 _CHARS = {"em": "\u2014", "en": "\u2013", "bu": "\u2022", "aq": "'", "dq": '"', "co": "\u00a9", "rg": "\u00ae",
@@ -103,9 +107,14 @@ class ManPage:
 
 
 def _read(path: Path) -> str:
-    data = path.read_bytes()
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+    """The page's text; an unreadable file or damaged ``.gz`` is a DataError (a truncated gzip raises
+    EOFError, which click would otherwise report as an interrupt)."""
+    try:
+        data = path.read_bytes()
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: not a readable man page ({e})") from None
     return data.decode("utf-8", errors="replace")
 
 
@@ -670,8 +679,13 @@ def ingest_manpages(paths, *, tracks: tuple[str, ...] = ("ga",), include_groups:
         if m and m.group(1) not in tracks:  # cheap pre-filter by file name; the NAME line decides below
             continue
         try:
-            page = read_manpage(f)
-        except DataError:
+            text = _read(f)
+        except DataError as e:  # a damaged page costs that page, with a warning, not the whole reference
+            log.warning("%s: skipped", e)
+            continue
+        try:
+            page = parse_manpage(text, source=str(f))
+        except DataError:  # not a man(7) page
             continue
         if not page.name:
             continue
@@ -683,7 +697,7 @@ def ingest_manpages(paths, *, tracks: tuple[str, ...] = ("ga",), include_groups:
 
 
 def manpage_catalog(man: str | Path, *, catalog: str | Path | None = None):
-    """The catalogue at ``catalog`` if given, else the man pages under ``man`` ingested into a temporary folder.
+    """The catalogue at ``catalog`` if given, else the man pages under ``man`` ingested (nothing left on disk).
 
     What the tool-use recipes start from; pass ``catalog`` to reuse an `lmlab tools ingest` folder.
     """
@@ -693,5 +707,6 @@ def manpage_catalog(man: str | Path, *, catalog: str | Path | None = None):
 
     if catalog:
         return load_catalog(catalog)
-    folder = Path(tempfile.mkdtemp(prefix="lmlab-gcloud-")) / "catalog"
-    return save_catalog(ingest_manpages([man]), folder, info={"source": "manpages", "inputs": [str(man)]})
+    with tempfile.TemporaryDirectory(prefix="lmlab-gcloud-") as tmp:  # removed once written: kept in memory
+        return save_catalog(ingest_manpages([man]), Path(tmp) / "catalog",
+                            info={"source": "manpages", "inputs": [str(man)]})

@@ -33,9 +33,27 @@ def _resolve(spec: dict, obj):
     return obj
 
 
-def _param(spec: dict, p: dict) -> Parameter:
-    p = _resolve(spec, p)
+def _object(obj, what: str) -> dict:
+    """``obj`` if it is a JSON object, else a DataError naming where in the spec it is."""
+    if not isinstance(obj, dict):
+        kind = "null" if obj is None else type(obj).__name__
+        raise DataError(f"{what} must be an object, not {kind}: the spec is malformed")
+    return obj
+
+
+def _license(info: dict) -> str:
+    """The spec's licence: ``license.identifier`` (SPDX, OpenAPI 3.1) or ``license.name``; a bare string
+    (not allowed by the spec, but common) is taken as the name."""
+    lic = info.get("license")
+    if isinstance(lic, str):
+        return lic
+    return str(lic.get("identifier") or lic.get("name") or "") if isinstance(lic, dict) else ""
+
+
+def _param(spec: dict, p: dict, where: str) -> Parameter:
+    p = _object(_resolve(spec, p), f"a parameter of {where}")
     schema = _resolve(spec, p.get("schema") or {})
+    schema = schema if isinstance(schema, dict) else {}
     return Parameter(p.get("name", ""), type=schema.get("type", "string"), required=bool(p.get("required")),
                      enum=tuple(str(x) for x in schema.get("enum", ())),
                      description=" ".join(str(p.get("description", "")).split()), kind=p.get("in", "query"))
@@ -43,27 +61,32 @@ def _param(spec: dict, p: dict) -> Parameter:
 
 def openapi_tools(spec: dict, *, source: str = "", license: str = "") -> list[Tool]:
     """One tool per operation of a parsed OpenAPI 3 document."""
+    doc = source or "document"
+    if not isinstance(spec, dict):
+        raise DataError(f"{doc} is not an OpenAPI 3 document (a {type(spec).__name__}, not an object)")
     version = str(spec.get("openapi", ""))
     if not version.startswith("3"):
-        raise DataError(f"{source or 'document'} is not an OpenAPI 3 document (openapi: {version or 'missing'})")
-    info = spec.get("info") or {}
-    license = license or (info.get("license") or {}).get("identifier", "") or (info.get("license") or {}).get(
-        "name", "")
-    server = ((spec.get("servers") or [{}])[0] or {}).get("url", "")
+        raise DataError(f"{doc} is not an OpenAPI 3 document (openapi: {version or 'missing'})")
+    info = _object(spec.get("info") or {}, f"{doc}: info")
+    license = license or _license(info)
+    servers = spec.get("servers") or [{}]
+    server = str(servers[0].get("url", "")) if isinstance(servers, list) and isinstance(servers[0], dict) else ""
     tools = []
-    for path, item in (spec.get("paths") or {}).items():
-        item = _resolve(spec, item)
-        shared = item.get("parameters", [])
+    for path, item in _object(spec.get("paths") or {}, f"{doc}: paths").items():
+        item = _object(_resolve(spec, item), f"{doc}: path item {path!r}")
+        shared = item.get("parameters") or []
         for method in METHODS:
             op = item.get(method)
             if not op:
                 continue
+            where = f"{doc}: {method.upper()} {path}"
+            op = _object(op, where)
             params: dict[tuple[str, str], Parameter] = {}
-            for raw in [*shared, *op.get("parameters", [])]:  # operation-level overrides path-level
-                p = _param(spec, raw)
+            for raw in [*shared, *(op.get("parameters") or [])]:  # operation-level overrides path-level
+                p = _param(spec, raw, where)
                 params[(p.name, p.kind)] = p
             plist = list(params.values())
-            body = _resolve(spec, op.get("requestBody") or {})
+            body = _object(_resolve(spec, op.get("requestBody") or {}), f"{where}: requestBody")
             if body:
                 content = body.get("content") or {}
                 media = next(iter(content), "")
@@ -72,7 +95,7 @@ def openapi_tools(spec: dict, *, source: str = "", license: str = "") -> list[To
                 plist.append(Parameter("body", type="object", required=bool(body.get("required")),
                                        description=" ".join(f"{body.get('description', '')} ({media}: {ref})".split()),
                                        kind="body"))
-            responses = op.get("responses") or {}
+            responses = _object(op.get("responses") or {}, f"{where}: responses")
             ok = next((c for c in sorted(map(str, responses)) if c.startswith("2")), None)
             returns = str(_resolve(spec, responses.get(ok) or responses.get(int(ok) if ok else -1) or {}).get(
                 "description", "")) if ok else ""

@@ -48,6 +48,7 @@ from lmlab.errors import ConfigError, DataError
 from lmlab.tools.catalog import Catalog, Tool
 from lmlab.tools.cloud_cli import (
     CliExample,
+    Comparison,
     Scores,
     aggregate,
     compare,
@@ -284,6 +285,26 @@ class PromptingResult:
     seconds: float
 
 
+def score_prediction(gold: str, request: str, pred: str | None, catalog: Catalog) -> tuple[Comparison, dict]:
+    """One predicted command against the gold one: the comparison, and the fields a record keeps of it."""
+    comp = compare(gold, pred, catalog=catalog, request=request)
+    v = validate(pred, catalog) if pred else None
+    return comp, {"path_correct": comp.path_correct, "flag_f1": comp.flag_f1, "exact": comp.exact,
+                  "valid": bool(v and v.ok), "feedback": list(v.errors) if v else ["no gcloud command in the reply"]}
+
+
+def rescore(records: list[dict], catalog: Catalog) -> tuple[Scores, list[dict]]:
+    """Scores and updated records for stored predictions (each record's gold, request and pred), with the
+    current comparator and validator: a fix to the scorer needs no model rerun."""
+    comps, valid, out = [], [], []
+    for r in records:
+        comp, scored = score_prediction(r["gold"], r["request"], r["pred"], catalog)
+        comps.append(comp)
+        valid.append(scored["valid"])
+        out.append({**r, **scored})
+    return aggregate(comps, valid), out
+
+
 def evaluate_prompting(backend, examples: list[CliExample], catalog: Catalog, *, config: PromptConfig,
                        retriever=None, demo_pool: DemoPool | None = None, count_tokens=None,
                        max_tokens: int = 64, progress: bool = False) -> PromptingResult:
@@ -320,14 +341,11 @@ def evaluate_prompting(backend, examples: list[CliExample], catalog: Catalog, *,
         prompt = build_prompt(ex.request, config=config, count_tokens=count_tokens, demos=demos, candidates=cands)
         reply = ask(backend, prompt.messages, fmt, max_tokens=max_tokens)
         pred = extract_command(reply)
-        comp = compare(ex.command, pred, catalog=catalog, request=ex.request)
-        v = validate(pred, catalog) if pred else None
+        comp, scored = score_prediction(ex.command, ex.request, pred, catalog)
         comps.append(comp)
-        valid.append(bool(v and v.ok))
+        valid.append(scored["valid"])
         records.append({"id": ex.id, "request": ex.request, "gold": ex.command, "reply": reply, "format": fmt,
-                        "pred": pred, "prompt_tokens": prompt.n_tokens, "path_correct": comp.path_correct,
-                        "flag_f1": comp.flag_f1, "exact": comp.exact, "valid": bool(v and v.ok),
-                        "feedback": list(v.errors) if v else ["no gcloud command in the reply"],
+                        "pred": pred, "prompt_tokens": prompt.n_tokens, **scored,
                         "candidates": [t.name for t in cands], "demos": prompt.demos})
     return PromptingResult(config, aggregate(comps, valid), (sum(hits) / len(hits)) if hits else None, records,
                            time.perf_counter() - t0)
