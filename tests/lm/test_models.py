@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 
@@ -35,6 +37,36 @@ def test_unknown_specs_fail_clearly(tmp_path):
         models.load("tiny:huge")
     with pytest.raises(ModelNotFoundError, match="no config.json"):
         models.load(str(tmp_path))
+
+
+def test_broken_local_folders_fail_clearly(tmp_path, tiny, capsys):
+    # from_pretrained's OSError / SafetensorError / JSONDecodeError used to reach the user as a traceback
+    good = tmp_path / "good"
+    tiny.model.save_pretrained(good)
+    tiny.tokenizer.save_pretrained(good)
+
+    def broken(name, damage):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        damage(folder)
+        return str(folder)
+
+    weights = "model.safetensors"
+    cases = {
+        broken("noweights", lambda f: (f / weights).unlink()): "no file named model.safetensors",
+        broken("truncweights", lambda f: (f / weights).write_bytes((good / weights).read_bytes()[:1000])): "header",
+        broken("badconfig", lambda f: (f / "config.json").write_text("not json")): "not a valid JSON",
+        broken("badtokenizer", lambda f: (f / "tokenizer.json").write_text('{"x":')): "Expecting value",
+    }
+    for folder, reason in cases.items():
+        with pytest.raises(ModelNotFoundError, match=rf"not a loadable Hugging Face model folder \(.*{reason}"):
+            models.load(folder)
+    from lmlab.cli import main
+
+    capsys.readouterr()  # save_pretrained's progress bars
+    assert main(["lm", "perplexity", "--model", str(tmp_path / "noweights"), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a loadable Hugging Face model folder" in err and "Traceback" not in err
 
 
 def test_missing_package_names_the_install_command(monkeypatch):

@@ -109,12 +109,35 @@ def test_chat_returns_an_assistant_message(base_url, remote, local):
     ("/completions", dict(prompt="x", model="gpt-4"), 404, "'gpt-4' is not served"),
     ("/completions", dict(prompt="x" * 300), 400, "window is 256"),
     ("/chat/completions", dict(messages=[]), 422, "messages"),
+    ("/completions", dict(prompt="x", seed=2**70), 422, "seed: Input should be less than or equal to"),
+    ("/completions", dict(prompt="x", seed=-(2**64)), 422, "seed: Input should be greater than or equal to"),
+    ("/chat/completions", dict(messages=[{"role": "user", "content": "x"}], seed=2**64), 422, "seed"),
     ("/chat/completions", dict(messages=[{"role": "user", "content": "x"}], model="other"), 404, "not served"),
 ])
 def test_invalid_requests_get_4xx_with_a_message(base_url, path, body, status, words):
     response = httpx.post(f"{base_url}{path}", json=body)
     assert response.status_code == status
     assert words in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path, raw, field", [
+    ("/completions", r'{"prompt": "a \ud800 b", "max_tokens": 2}', "prompt"),
+    ("/completions", r'{"prompt": ["ok", "a \udfff"], "max_tokens": 2}', "prompt"),
+    ("/completions", r'{"prompt": "ok", "stop": "\ud800"}', "stop"),
+    ("/chat/completions", r'{"messages": [{"role": "user", "content": "hi \ud800"}]}', "messages.0.content"),
+])
+def test_lone_surrogates_are_invalid_requests_not_server_errors(base_url, path, raw, field):
+    # JSON's "\ud800" escape decodes to a string the tokenizer cannot encode: this was a 500
+    response = httpx.post(f"{base_url}{path}", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    message = response.json()["error"]["message"]
+    assert field in message and "lone surrogate" in message
+
+
+def test_the_largest_seeds_are_served(base_url):
+    for seed in (2**63 - 1, -(2**63)):
+        body = dict(prompt="The", max_tokens=2, seed=seed)
+        assert httpx.post(f"{base_url}/completions", json=body).status_code == 200
 
 
 def test_openai_backend_raises_backend_error_with_the_server_message(base_url, remote):

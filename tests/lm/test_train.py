@@ -96,6 +96,19 @@ def test_resume_with_different_settings_is_refused(tmp_path, shards):
     assert _trainer(tmp_path / "run", shards, cfg=replace(CFG, max_steps=20)).step == 4
 
 
+@pytest.mark.parametrize("damage", ["truncate_state", "garble_state", "truncate_weights"])
+def test_a_corrupt_checkpoint_is_a_checkpoint_error(tmp_path, shards, damage):
+    # torch.load's RuntimeError on a truncated trainer_state.pt used to be a traceback
+    _trainer(tmp_path / "run", shards).fit(until_step=4)
+    ckpt = latest_checkpoint(tmp_path / "run")
+    name = "model.safetensors" if damage == "truncate_weights" else "trainer_state.pt"
+    f = ckpt / name
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage.startswith("truncate") else b"\x00" * len(data))
+    with pytest.raises(CheckpointError, match=r"step-00000004 is corrupt or incomplete .*delete that folder"):
+        _trainer(tmp_path / "run", shards)
+
+
 def test_data_from_another_tokenizer_is_refused(tmp_path, shards):
     other = tokenizer.train_bpe(["some text to learn merges from " * 50], vocab_size=300)
     m = models.load("tiny:micro", tokenizer=other)

@@ -17,9 +17,9 @@ We add the classes a harvester needs to keep the rest apart: ``copyleft``, ``non
 
 Policy (:data:`POLICY`): an ``OR`` takes its most permissive branch (the user may choose it), an ``AND``
 its most restrictive; ``WITH`` keeps the base licence's class when the exception is a known SPDX one
-(an exception only adds permissions) and is ``unknown`` otherwise; anything not recognised is
-``unknown``, the most restrictive class, so it is never treated as permissive. :func:`policy_markdown`
-renders the policy and the full mapping table for README.
+(or a DEP-5 keyword naming one, :data:`DEBIAN_EXCEPTIONS`; an exception only adds permissions) and is
+``unknown`` otherwise; anything not recognised is ``unknown``, the most restrictive class, so it is never
+treated as permissive. :func:`policy_markdown` renders the policy and the full mapping table for README.
 
 Sources of the mapping table (:data:`SOURCES`): the SPDX License List and exceptions list (identifiers),
 the Debian copyright-format 1.0 specification (short names), PyPI's trove classifier list, and SILO's
@@ -158,7 +158,23 @@ KNOWN_EXCEPTIONS = frozenset(e.lower() for e in (
     "openvpn-openssl-exception", "vsftpd-openssl-exception", "x11vnc-openssl-exception", "OCaml-LGPL-linking-exception",
     "GPL-3.0-linking-exception", "GPL-3.0-linking-source-exception", "LGPL-3.0-linking-exception",
     "Asterisk-exception", "GNAT-exception", "GStreamer-exception-2008", "389-exception",
+    "Autoconf-exception-generic-3.0", "Autoconf-exception-macro", "Bison-exception-1.24",
+    "cryptsetup-OpenSSL-exception", "GCC-exception-2.0-note", "Texinfo-exception", "PCRE2-exception",
 ))
+
+# DEP-5 writes an exception as ``with <keyword> exception`` and keeps no list of keywords: these are the
+# keywords of the Debian copyright files we have met, each the SPDX exception whose text it names. Any
+# other keyword is an unknown exception (policy: ``unknown``), whatever its name ends with.
+DEBIAN_EXCEPTIONS: dict[str, str] = {
+    "autoconf": "Autoconf-exception-generic", "autoconf-data": "Autoconf-exception-macro",
+    "automake": "Autoconf-exception-generic",  # the generic text, naming Automake (findutils)
+    "distribution": "Autoconf-exception-generic",  # the generic text under another keyword (libunistring)
+    "bison": "Bison-exception-2.2", "bison-2.2": "Bison-exception-2.2", "classpath": "Classpath-exception-2.0",
+    "font": "Font-exception-2.0", "gcc-runtime-3.1": "GCC-exception-3.1", "libtool": "Libtool-exception",
+    "linux-syscall-note": "Linux-syscall-note", "llvm": "LLVM-exception", "texinfo": "Texinfo-exception",
+    "openssl": "cryptsetup-OpenSSL-exception",  # permission to link with OpenSSL (one of SPDX's several)
+    "binary-library-like-packages": "PCRE2-exception",
+}
 
 CLASS_OF: dict[str, LicenseClass] = {i: rule.license_class for rule in RULES for i in rule.ids}
 _CANONICAL = {i.lower(): i for i in CLASS_OF}
@@ -248,8 +264,12 @@ _GNU_TEXT = re.compile(r"gnu (?P<fam>lesser |library )?general public licen[cs]e
 _COMMON_LICENSES = re.compile(r"/usr/share/common-licenses/([A-Za-z0-9.+_-]+?)[.,'\"`)\s]*(?:\s|$)")
 _MPL_TEXT = re.compile(r"mozilla public licen[cs]e,?\s*(?:v(?:ersion)?\.?\s*)?(?P<ver>\d\.\d)?", re.I)
 _SPDX_HEADER = re.compile(r"SPDX-License-Identifier:\s*([^\n]*)")
-_CC_TEXT = re.compile(r"creative commons (attribution[- ](?:non-?commercial|sharealike|share-alike|no-?derivs|"
-                      r"no-?derivatives|[- ])*)[^\n]{0,40}?(\d\.\d)", re.I)
+# the restriction words may be written with a hyphen, a space or nothing inside ("Share Alike", "Non Commercial")
+_CC_TEXT = re.compile(r"creative commons (attribution[- ](?:non[- ]?commercial|share[- ]?alike|"
+                      r"no[- ]?deriv(?:s|atives)|[- ])*)[^\n]{0,40}?(\d\.\d)", re.I)
+# a Creative Commons licence other than CC0 named beside it ("Creative Commons BY-NC", "... Attribution")
+_CC_NOT_CC0 = re.compile(r"creative commons\W+(?:\w+\W+){0,2}?(?:attribution|by|nc|sa|nd|non-?commercial|share\w*|"
+                         r"no-?deriv\w*)\b", re.I)
 
 
 def _key(name: str) -> str:
@@ -413,7 +433,8 @@ class _ExpressionParser:
             return base
         self.i += 1
         exception = self._words()
-        known = _key(exception) in KNOWN_EXCEPTIONS or _key(exception).endswith("-exception")
+        key = _key(exception)
+        known = key in KNOWN_EXCEPTIONS or key.removesuffix("-exception") in DEBIAN_EXCEPTIONS
         name = exception if re.fullmatch(r"[A-Za-z0-9.-]+", exception) else _license_ref(exception)
         return License(f"{_group(base.expression)} WITH {name}", base.license_class if known else LicenseClass.UNKNOWN)
 
@@ -563,6 +584,8 @@ def from_license_text(text: str) -> License:
     for pattern, spdx in _TEXT_MARKERS:
         if spdx == "LicenseRef-creative-commons" and _CC_TEXT.search(text):
             continue
+        if spdx == "LicenseRef-creative-commons" and "CC0-1.0" in found and not _CC_NOT_CC0.search(text):
+            continue  # CC0's own legal text names Creative Commons ("Creative Commons Corporation ...")
         family = spdx.split("-")[0] + "-"
         if family in ("GPL-", "LGPL-") and any(e.startswith(family) for e in found):
             continue  # a bare "GPL" when the text also names the version

@@ -249,10 +249,16 @@ class CorpusWriter:
     def __enter__(self) -> CorpusWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         # Buffered documents are whole and valid even when harvesting failed or was interrupted:
         # commit them, so the resumed build need not redo them (their source stays "partial").
-        self.close()
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as e:  # the buffer may be what failed: let the original error through, not this one
+            log.warning("could not commit the buffered documents after %s: %s", exc_type.__name__, e)
 
 
 # -- reading --------------------------------------------------------------------------------------

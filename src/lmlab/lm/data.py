@@ -47,6 +47,7 @@ def read_texts(path: str | os.PathLike, *, min_chars: int = 1) -> Iterator[str]:
                         text = json.loads(line)["text"]
                     except (json.JSONDecodeError, KeyError, TypeError):
                         raise DataError(f"{f}:{lineno} is not a JSON object with a \"text\" field") from None
+                    _check_text(text, f"{f}:{lineno}")
                     if len(text) >= min_chars:
                         found = True
                         yield text
@@ -57,6 +58,17 @@ def read_texts(path: str | os.PathLike, *, min_chars: int = 1) -> Iterator[str]:
                 yield text
     if not found:
         raise DataError(f"no text found under {path} (looked for {', '.join(sorted(TEXT_SUFFIXES))} and .jsonl)")
+
+
+def _check_text(text, where: str) -> None:
+    """A JSONL "text" must be a string the tokenizers can encode: JSON allows null and lone ``\\ud800`` escapes."""
+    if not isinstance(text, str):
+        raise DataError(f"{where}: \"text\" is {json.dumps(text)[:40]}, not a string; fix or remove that line")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{where}: \"text\" holds a lone surrogate escape (\\ud800-\\udfff), which is not "
+                        "valid Unicode; fix or remove that line") from None
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -149,8 +149,7 @@ def load(spec: str, *, tokenizer=None, dtype: str = "float32", device: str | Non
     elif Path(spec).is_dir():
         if not (Path(spec) / "config.json").is_file():
             raise ModelNotFoundError(f"{spec} is a folder but not a Hugging Face model (no config.json)")
-        tok = AutoTokenizer.from_pretrained(spec)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
+        tok, model = _from_folder(spec, torch_dtype)
     else:
         known = ", ".join([*NAMED_MODELS, *(f"tiny:{p}" for p in TINY_PRESETS)])
         raise ModelNotFoundError(f"unknown model {spec!r}: give a local Hugging Face folder or one of {known}")
@@ -160,6 +159,20 @@ def load(spec: str, *, tokenizer=None, dtype: str = "float32", device: str | Non
         model.to(device)
     model.eval()
     return LoadedModel(model=model, tokenizer=tok, spec=spec)
+
+
+def _from_folder(spec: str, torch_dtype):
+    """Tokenizer and model of a local folder; missing or broken files are the user's to fix, not a traceback."""
+    import json
+
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec), AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
+    except (OSError, ValueError, SafetensorError, json.JSONDecodeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ModelNotFoundError(f"{spec}: not a loadable Hugging Face model folder ({reason})") from e
 
 
 def listing() -> list[dict]:

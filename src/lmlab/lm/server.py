@@ -6,17 +6,18 @@ talk to it:
 
 - ``GET /v1/models``: the one served model.
 - ``POST /v1/completions`` (the legacy completions API): ``prompt`` (a string or a list), ``max_tokens``
-  (default 16; 0 only with ``echo``), ``temperature`` (0-2; 0 is greedy), ``n`` (1-16), ``stop``, ``seed``,
-  ``echo``, ``logprobs`` (0-5 alternatives per token). With ``echo`` and ``logprobs`` the prompt's own
-  token log-probabilities come back (the first token's is null), with the token strings and their
-  ``text_offset`` in the prompt, which is what log-likelihood scoring over HTTP needs.
+  (default 16; 0 only with ``echo``), ``temperature`` (0-2; 0 is greedy), ``n`` (1-16), ``stop``, ``seed``
+  (an int64), ``echo``, ``logprobs`` (0-5 alternatives per token). With ``echo`` and ``logprobs`` the
+  prompt's own token log-probabilities come back (the first token's is null), with the token strings and
+  their ``text_offset`` in the prompt, which is what log-likelihood scoring over HTTP needs.
 - ``POST /v1/chat/completions``: ``messages`` ({role, content}) formatted with the tokenizer's chat
   template, or "role: content" lines ending in "assistant:" where it has none.
 
 Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: an invalid request
-is 422 (the message names the field), an unknown model is 404, a request the model cannot serve
-(e.g. longer than its window) is 400. Requests run in FastAPI's threadpool and take one lock around
-the model, so the event loop keeps answering while a request generates.
+is 422 (the message names the field; a string holding a lone surrogate escape is invalid), an unknown
+model is 404, a request the model cannot serve (e.g. longer than its window) is 400. Requests run in
+FastAPI's threadpool and take one lock around the model, so the event loop keeps answering while a request
+generates.
 
 :func:`serve_in_thread` runs an app on a free loopback port in a background thread (for tests).
 """
@@ -30,7 +31,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import click
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from lmlab.lm.backends import Completion, LocalHFBackend, chat_prompt
 
@@ -41,22 +42,35 @@ if TYPE_CHECKING:
 # -- request bodies (field limits follow OpenAI's API reference) ------------------------------------
 
 
+def _unicode(value: str) -> str:
+    """JSON's lone ``\\ud800`` escapes decode to strings no tokenizer can encode: a 422, not a 500."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds a lone surrogate escape (\\ud800-\\udfff), which is not valid Unicode") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+INT64 = 2**63  # OpenAI's seed is an int64; torch.manual_seed overflows beyond 64 bits
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")  # accept (and ignore) OpenAI fields we do not implement
 
-    model: str | None = None  # the served name; may be omitted
+    model: Text | None = None  # the served name; may be omitted
     max_tokens: int = Field(16, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default; 0 is greedy
     n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=-INT64, le=INT64 - 1)
 
     def stop_list(self) -> list[str] | None:
         return [self.stop] if isinstance(self.stop, str) else self.stop
 
 
 class CompletionRequest(_Request):
-    prompt: str | Annotated[list[str], Field(min_length=1)]
+    prompt: Text | Annotated[list[Text], Field(min_length=1)]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
 
@@ -69,7 +83,7 @@ class CompletionRequest(_Request):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str
+    content: Text
 
 
 class ChatRequest(_Request):

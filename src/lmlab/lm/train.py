@@ -141,6 +141,13 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def _corrupt(ckpt: Path, error: Exception) -> CheckpointError:
+    """A damaged checkpoint (disk full, killed while copying): say which, and how to fall back to an older one."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return CheckpointError(f"{ckpt} is corrupt or incomplete ({reason}); delete that folder to resume from the "
+                           "previous checkpoint, if any")
+
+
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     """The highest-step complete checkpoint (one with a manifest) under ``out_dir/checkpoints``."""
     root = Path(out_dir) / "checkpoints"
@@ -221,7 +228,11 @@ class Trainer:
         state_path = ckpt / "trainer_state.pt"
         if not state_path.is_file():
             raise CheckpointError(f"{ckpt} has no trainer_state.pt: not a Trainer checkpoint")
-        state = torch.load(state_path, map_location=self.device, weights_only=False)
+        try:
+            read_manifest(ckpt, verify=True)  # sizes (and checksums where listed): a truncated file is caught here
+            state = torch.load(state_path, map_location=self.device, weights_only=False)
+        except Exception as e:  # DataError, or whatever torch.load / unpickling raises on a damaged file
+            raise _corrupt(ckpt, e) from e
         old, new = state["config"], asdict(self.config)
         changed = {k for k in new if old.get(k) != new[k]} - self.RESUMABLE_CHANGES
         if changed:
@@ -232,7 +243,10 @@ class Trainer:
             raise CheckpointError(f"{ckpt} was trained with another tokenizer")
         from safetensors.torch import load_file
 
-        weights = load_file(str(ckpt / "model.safetensors"), device=str(self.device))
+        try:
+            weights = load_file(str(ckpt / "model.safetensors"), device=str(self.device))
+        except Exception as e:  # SafetensorError, OSError
+            raise _corrupt(ckpt, e) from e
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
         # tied embeddings are saved once; anything else missing means another architecture
         missing = [m for m in missing if m != "lm_head.weight"]

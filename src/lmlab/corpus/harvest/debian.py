@@ -119,15 +119,30 @@ class PackageLicenses:
         except (ValueError, KeyError, TypeError) as e:
             self.problem = f"does not parse: {e}"
             return
-        header = self.dep5.header.license
-        self.fallback = classify(header.synopsis) if header is not None and header.synopsis else UNKNOWN
-        if any(p.license is None or not p.license.synopsis for p in self.dep5.all_files_paragraphs()):
+        # python-debian parses fields and compiles Files globs lazily (MachineReadableFormatError, a
+        # ValueError): read them all now, so a bad one makes every file unknown instead of failing a lookup
+        try:
+            header = self.dep5.header.license
+            fallback = classify(header.synopsis) if header is not None and header.synopsis else UNKNOWN
+            paragraphs = list(self.dep5.all_files_paragraphs())
+            no_license = any(p.license is None or not p.license.synopsis for p in paragraphs)
+            for p in paragraphs:
+                p.files_pattern()
+        except (ValueError, KeyError, TypeError) as e:
+            self.dep5 = None
+            self.problem = f"does not parse: {e}"
+            return
+        self.fallback = fallback
+        if no_license:
             self.problem = "a Files paragraph has no License field (its files are unknown)"
 
     def for_path(self, path: str) -> License:
         if self.dep5 is None:
             return self.fallback
-        para = self.dep5.find_files_paragraph(path)
+        try:
+            para = self.dep5.find_files_paragraph(path)
+        except (ValueError, KeyError, TypeError):  # checked in __init__; never let a lookup stop the harvest
+            return UNKNOWN
         if para is None:
             return self.fallback
         if para.license is None or not para.license.synopsis:

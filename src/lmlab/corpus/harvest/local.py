@@ -6,7 +6,7 @@
   ``unknown`` without either. Each file is its own group for splits.
 - ``jsonl:FILE``: one JSON object per line with ``text``, optional ``license`` (an SPDX expression or
   licence name) and optional ``source`` (what the line came from; it is also the line's group).
-  Lines that are not such objects are counted and skipped.
+  Lines that are not such objects, or hold strings that are not valid Unicode, are counted and skipped.
 """
 
 from __future__ import annotations
@@ -35,6 +35,15 @@ def folder_license(folder: Path) -> tuple[License, Path | None]:
     return UNKNOWN, None
 
 
+def _utf8_encodable(record: dict) -> bool:
+    """JSON's ``\\ud800`` escapes decode to lone surrogates, which no shard (UTF-8 Parquet) can store."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_jsonl(harvester: Harvester, path: Path, default_license: License) -> Iterator[Document]:
     """The documents of one JSONL file; bad lines are reported through ``harvester.skip``."""
     with open(path, "rb") as f:
@@ -52,6 +61,9 @@ def read_jsonl(harvester: Harvester, path: Path, default_license: License) -> It
                 continue
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 harvester.skip("malformed_jsonl", where, 'not an object with a string "text"')
+                continue
+            if not _utf8_encodable(record):
+                harvester.skip("non_utf8", where, "a lone surrogate escape (\\ud800...) is not text")
                 continue
             license = classify(str(record["license"])) if record.get("license") else default_license
             given = record.get("source")
