@@ -58,3 +58,15 @@ def test_average_and_load_dense_roundtrip():
     x = torch.randn(2, 3, 5)
     torch.testing.assert_close(ex.average()(x).y, dense(x).y)
     torch.testing.assert_close(ex(x.reshape(1, 6, 5).expand(4, 6, 5))[2], dense(x).y.reshape(6, 5))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_switch_loss_is_hf_mixtral_loss_over_k(k):
+    """The documented relation to Hugging Face's ``load_balancing_loss_func``: theirs = k * ours."""
+    mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+    torch.manual_seed(0)
+    logits = torch.randn(64, 4)
+    probs = logits.softmax(-1)
+    ours = switch_balance_loss(probs, probs.topk(k, dim=-1).indices)
+    theirs = mixtral.load_balancing_loss_func((logits,), 4, k)
+    torch.testing.assert_close(theirs, k * ours)

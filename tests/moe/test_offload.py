@@ -1,5 +1,6 @@
 """The offloaded MoE engine: identical outputs across policies/tiers, budgets, misses, prefetch, shutdown, errors."""
 
+import copy
 import gc
 import os
 import threading
@@ -440,3 +441,141 @@ def test_generate_command(tmp_path):
     assert len(lines) == 2 and lines[0].startswith("hello there") and lines[1].startswith("hi")
     out = CliRunner().invoke(generate_cmd, [str(tmp_path / "m"), "--prompt", ""])
     assert out.exit_code != 0 and "at least one token" in out.output
+
+
+def test_bf16_model_runs_offloaded(tmp_path):
+    """A bf16 model (bf16 store): every policy gives the tokens of the model's own greedy forward."""
+    model = build(pregated=True, vocab_size=40, seed=1, **SMALL).to(torch.bfloat16)
+    with torch.no_grad():
+        for gate in (g for blk in model.layers for g in (blk.router, blk.pregate) if g is not None):
+            gate.weight.mul_(30)  # decisive gates: near-uniform probabilities would tie in bf16
+    path = save_expert_store(model, tmp_path / "bf16.safetensors")
+    assert ExpertStore(path).dtype == torch.bfloat16
+    prompt = torch.tensor([[3, 14, 15, 9]])
+    ref = _gen(model, path, "resident", prompt=prompt)
+    for policy in ("on_demand", "prefetch_all", "pregated"):
+        assert torch.equal(_gen(model, path, policy, prompt=prompt).tokens, ref.tokens), policy
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([prompt, ref.tokens], 1)).logits[0, prompt.shape[1] - 1:-1]
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(torch.cat(ref.logits).float(), logits.float(), atol=0.02, rtol=0.02)
+
+
+def test_store_from_other_weights_of_the_same_shape_is_refused(setup, tmp_path):
+    model, path = setup
+    other = build(pregated=True, vocab_size=40, seed=7, **SMALL)  # same shape, other weights
+    assert ExpertStore(path).matches(model) is True and ExpertStore(path).matches(other) is False
+    with pytest.raises(ManifestMismatchError, match="other expert weights"):
+        OffloadEngine(other, path)
+    with torch.no_grad():
+        other.layers[2].experts.b2[3, 0] += 1  # one value changed in place: the cached fingerprint notices
+    with pytest.raises(ManifestMismatchError, match="other expert weights"):
+        OffloadEngine(other, save_expert_store(model, tmp_path / "again.safetensors"))
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    with pytest.raises(ManifestMismatchError, match="other expert weights"):
+        OffloadEngine(half, path)  # the dtype is part of the fingerprint
+
+
+def test_store_without_fingerprint_is_checked_by_shape(setup, tmp_path):
+    """Stores written before fingerprints still open; their source is unknown (matches() is None)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model, path = setup
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "fingerprint"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=meta)
+    assert ExpertStore(old).fingerprint is None and ExpertStore(old).matches(model) is None
+    assert torch.equal(_gen(model, old, "pregated").tokens, _gen(model, path, "pregated").tokens)
+
+
+def test_failed_construction_closes_what_it_opened(setup, monkeypatch):
+    """An engine whose construction fails closes the store it opened and stops the copier it started."""
+    import lmlab.moe.offload.engine as engine_module
+
+    model, path = setup
+    other = build(pregated=True, vocab_size=40, **{**SMALL, "num_experts": 8})
+
+    def fds_on_store():
+        return sum(1 for f in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{f}") == str(path))
+
+    before = fds_on_store()
+    for _ in range(3):
+        with pytest.raises(ManifestMismatchError):
+            OffloadEngine(other, path, config=OffloadConfig(policy="on_demand"))
+    assert fds_on_store() == before
+
+    class BrokenTier(PageCacheTier):
+        def open(self, store):
+            raise ConfigError("broken tier")
+
+    started, real = [], engine_module.ProcessCopier
+    monkeypatch.setattr(engine_module, "ProcessCopier", lambda *a, **kw: started.append(real(*a, **kw)) or started[-1])
+    for copier in ("process", "thread"):  # fails after the copier started
+        with pytest.raises(ConfigError, match="broken tier"):
+            OffloadEngine(model, path, tier=BrokenTier(), config=OffloadConfig(policy="pregated", copier=copier))
+    assert fds_on_store() == before and not _prefetch_threads()
+    assert len(started) == 1 and started[0].proc.poll() is not None
+
+
+def _save_lm(folder, seed, *, tokenizer=True):
+    from lmlab.lm.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    build(pregated=True, vocab_size=len(tok), seed=seed, **SMALL).save_pretrained(folder)
+    if tokenizer:
+        tok.save_pretrained(folder)
+    return folder
+
+
+def _cli(capsys, *args):
+    from lmlab.cli import main
+
+    capsys.readouterr()
+    code = main(["moe", "generate", *map(str, args)])
+    return code, capsys.readouterr()
+
+
+def test_generate_rewrites_a_default_store_from_other_weights(tmp_path, capsys):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def texts(folder, *extra):
+        code, out = _cli(capsys, folder, "--prompt", "hello", "--max-new-tokens", "6", "--json",
+                         "--policy", "on_demand", *extra)
+        assert code == 0, out.err
+        return json.loads(out.out)["texts"]
+
+    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
+    a_texts = texts(_save_lm(stale, seed=0))  # writes stale/experts.safetensors from model A
+    a_store = tmp_path / "a.safetensors"
+    (stale / "experts.safetensors").rename(a_store)
+    texts(stale)
+    _save_lm(stale, seed=1)  # model B (same shape) saved over A: the default store is now A's
+    want = texts(_save_lm(fresh, seed=1))
+    assert want != a_texts and texts(stale) == want
+    # an older store without a fingerprint is rewritten too
+    with safe_open(str(a_store), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "fingerprint"}
+        save_file({k: f.get_tensor(k) for k in f.keys()}, str(stale / "experts.safetensors"), metadata=meta)
+    assert texts(stale) == want and ExpertStore(stale / "experts.safetensors").fingerprint is not None
+    # an explicit --store from other weights is refused in one line, not used
+    code, out = _cli(capsys, stale, "--prompt", "hello", "--store", a_store)
+    assert code == 2 and "other expert weights" in out.err and len(out.err.strip().splitlines()) == 1
+
+
+def test_generate_on_a_bad_model_folder_is_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    notok = _save_lm(tmp_path / "notok", seed=0, tokenizer=False)
+    trunc = _save_lm(tmp_path / "trunc", seed=0)
+    weights = trunc / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    for folder, why in ((empty, "not a model folder"), (notok, "no tokenizer"), (trunc, "cannot load the weights")):
+        code, out = _cli(capsys, folder, "--prompt", "hi")
+        assert code == 2 and why in out.err, out.err
+        assert len(out.err.strip().splitlines()) == 1 and "Traceback" not in out.err

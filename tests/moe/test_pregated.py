@@ -111,3 +111,44 @@ def test_config_errors():
     model = _model(False)
     with pytest.raises(ConfigError):
         model(input_ids=torch.zeros(1, 65, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_forward(dtype):
+    """Rotary cos/sin are float32: they must not promote q, k past v's half dtype (attention refuses the mix)."""
+    model = _model(True)
+    ids = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        for gate in (g for blk in model.layers for g in (blk.router, blk.pregate) if g is not None):
+            gate.weight.mul_(30)  # decisive gates: near-uniform probabilities would tie in half precision
+        ref = model(input_ids=ids).logits
+        out = model.to(dtype)(input_ids=ids)
+    assert out.logits.dtype == dtype
+    err = (out.logits.float() - ref).norm() / ref.norm()  # half rounding, not garbage
+    assert err < 0.03, float(err)
+
+
+def test_labels_loss_counts_the_balance_gradient_once():
+    """``model(labels=).loss`` and the Trainer's CE(logits) both give CE's gradient plus the balance loss's, once."""
+    import torch.nn.functional as F
+
+    model = _model(True, router_aux_loss_coef=1.0).train()  # a big coefficient: a double count is plain to see
+    ids = torch.randint(0, 50, (2, 10))
+
+    def grad(loss_fn):
+        model.zero_grad()
+        loss_fn().backward()
+        return model.layers[0].router.weight.grad.clone()
+
+    def ce():
+        logits = model(input_ids=ids).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, 50).float(), ids[:, 1:].reshape(-1))
+
+    g_labels = grad(lambda: model(input_ids=ids, labels=ids).loss)
+    g_trainer = grad(ce)  # the balance loss rides on the logits' gradient
+    g_aux = grad(lambda: model(input_ids=ids).aux_loss)
+    model.eval()  # no folding in eval mode: CE's own gradient
+    g_ce = grad(ce)
+    assert g_aux.abs().max() > 1e-3
+    torch.testing.assert_close(g_labels, g_ce + g_aux)
+    torch.testing.assert_close(g_trainer, g_ce + g_aux)

@@ -77,6 +77,9 @@ def test_slots_from_capacity_factor():
     assert layer.slots_per_expert == round(49 / 4)
     with pytest.raises(ConfigError):
         SoftMoE(16, hidden=32, num_experts=4, slots_per_expert=None)
+    for bad in (0.0, -1.0):  # not silently one slot per expert
+        with pytest.raises(ConfigError, match="capacity_factor must be > 0"):
+            SoftMoE(16, hidden=32, num_experts=4, slots_per_expert=None, capacity_factor=bad, num_tokens=49)
 
 
 def test_noise_only_in_training():

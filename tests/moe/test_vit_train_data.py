@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from lmlab.errors import DataError
+from lmlab.errors import ConfigError, DataError
 from lmlab.moe import MoEConfig, ViT, ViTConfig
-from lmlab.moe.data import load_fashion_mnist, read_idx
+from lmlab.moe.data import ImageSplit, load_fashion_mnist, read_idx
 from lmlab.moe.train import TrainConfig, evaluate, load_model, save_model, train_classifier
 
 torch.set_num_threads(1)
@@ -102,3 +102,43 @@ def test_cli_train_ewa_and_eval(fake_fmnist, tmp_path):
     assert manifest["trained_as"] == "ewa" and model.config.moe is None  # saved collapsed: a plain ViT
     res = CliRunner().invoke(moe_group, ["eval", str(out), "--data", str(fake_fmnist)])
     assert res.exit_code == 0 and json.loads(res.output)["test_accuracy"] == metrics["test_accuracy"]
+
+
+def test_truncated_idx_header_is_a_data_error(tmp_path):
+    p = tmp_path / "x.gz"
+    with gzip.open(p, "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + struct.pack(">I", 10))  # says 3 dims, holds 1
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(p)
+
+
+@pytest.mark.parametrize("field", ["patch_size", "heads", "dim", "depth"])
+def test_vit_config_refuses_non_positive_sizes(field):
+    with pytest.raises(ConfigError, match=field):
+        ViTConfig(**{field: 0})
+
+
+def test_empty_batches_and_training_sets_are_refused(fake_fmnist):
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(DataError, match="train_size"):
+        load_fashion_mnist(fake_fmnist, val_size=50, train_size=0)
+    empty = ImageSplit(torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(DataError, match="no training images"):
+        train_classifier(ViT(ViTConfig(dim=16, depth=1, heads=2, mlp_hidden=32, patch_size=7)), empty, TrainConfig())
+
+
+@pytest.mark.parametrize("args,why", [(["--heads", "0"], "heads"), (["--patch-size", "0"], "patch_size"),
+                                      (["--batch-size", "0"], "batch_size"), (["--train-size", "0"], "train_size"),
+                                      (["--mlp", "soft", "--capacity-factor", "-1"], "capacity_factor")])
+def test_cli_train_refuses_bad_sizes_in_one_line(fake_fmnist, tmp_path, capsys, args, why):
+    from lmlab.cli import main
+
+    out = tmp_path / "never"
+    code = main(["moe", "train", "--data", str(fake_fmnist), "--val-size", "20", "--steps", "2", "--batch-size", "8",
+                 "--dim", "16", "--depth", "2", "--heads", "2", "--patch-size", "7", "--out", str(out), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and why in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

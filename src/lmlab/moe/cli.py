@@ -56,6 +56,8 @@ def train_cmd(kind, ewa, ewa_beta, num_experts, moe_layers, capacity_factor, k, 
         torch.set_num_threads(threads)
     if ewa:
         kind = "ewa"
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed,  # checked before the data loads
+                         ewa_beta=ewa_beta if kind == "ewa" else 0.0)
     data = load_fashion_mnist(data_root, val_size=val_size, seed=seed, train_size=train_size)
     moe = None if kind == "dense" else MoEConfig(kind=kind, num_experts=num_experts, capacity_factor=capacity_factor,
                                                  k=k)
@@ -63,8 +65,6 @@ def train_cmd(kind, ewa, ewa_beta, num_experts, moe_layers, capacity_factor, k, 
                            moe_layers=0 if moe is None else moe_layers)
     torch.manual_seed(seed)
     model = ViT(vit_config)
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                         ewa_beta=ewa_beta if kind == "ewa" else 0.0)
     result = train_classifier(model, data.train, config, progress=True)
     if kind == "ewa":
         model = collapse_experts(model)

@@ -60,6 +60,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path} is truncated: its header needs {4 + 4 * ndim} bytes, the file has {len(data)}")
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
@@ -99,6 +101,8 @@ def load_fashion_mnist(root: str | os.PathLike | None = None, *, val_size: int =
     test = load_split("test", root)
     if not 0 <= val_size < len(full):
         raise DataError(f"val_size must be in [0, {len(full)}), got {val_size}")
+    if train_size is not None and train_size < 1:
+        raise DataError(f"train_size must be >= 1 (or None: every image not held out), got {train_size}")
     perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:val_size], perm[val_size:]
     if train_size is not None:

@@ -9,7 +9,9 @@ Shapes: N tokens (any leading dims are flattened), E experts, k choices per toke
   threshold_k is the token's k-th largest noisy logit. Needs the noise std the router used (> 0).
 - :func:`switch_balance_loss`: Switch Transformer (Fedus et al. 2021, arXiv 2101.03961, Eq. 4-6):
   E * sum_e f_e * P_e, f_e the fraction of (pre-capacity) assignments to e, P_e the mean router probability.
-  1.0 at perfect balance; top-k assignments are all counted (f normalised by N*k), as in Mixtral/HF.
+  1.0 at perfect balance; top-k assignments are all counted, with f normalised by N*k (f sums to 1, Switch's
+  definition at k = 1). Hugging Face's Mixtral ``load_balancing_loss_func`` normalises f by N only, so its value
+  is k times ours (k at perfect balance): a coefficient a there weighs like k*a here.
 - :func:`router_z_loss`: ST-MoE (Zoph et al. 2022, arXiv 2202.08906, Eq. 5): mean over tokens of
   logsumexp(logits)^2.
 """

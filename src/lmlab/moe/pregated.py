@@ -20,9 +20,10 @@ What is implemented:
 - Switch load-balancing loss (Switch Transformer Eq. 4, :func:`lmlab.moe.losses.switch_balance_loss`) on every
   gate, returned as ``output.aux_loss`` and, when training, folded into the gradient of the logits with an
   identity autograd function (Megatron-LM's ``MoEAuxLossAutoScaler`` trick), so :class:`lmlab.lm.train.Trainer`
-  (which only differentiates cross-entropy of ``.logits``) trains the balance term too. With ``grad_accum > 1``
-  the Trainer divides the LM loss by grad_accum but the folded balance term is not divided (its weight is
-  effectively ``router_aux_loss_coef * grad_accum``); the recipe uses grad_accum = 1.
+  (which only differentiates cross-entropy of ``.logits``) trains the balance term too. Given ``labels=``, the
+  balance term is added to ``output.loss`` instead and not folded into the logits (its gradient counts once).
+  With ``grad_accum > 1`` the Trainer divides the LM loss by grad_accum but the folded balance term is not
+  divided (its weight is effectively ``router_aux_loss_coef * grad_accum``); the recipe uses grad_accum = 1.
 - :func:`routing_from_logits` and the per-block pieces (:meth:`PreGatedBlock.attend`, ``router``/``pregate``)
   that the offloaded engine (:mod:`lmlab.moe.offload`) calls to run the same model block by block.
 
@@ -148,6 +149,9 @@ def rotary(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tens
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x by the angles' cos/sin, cast to x's dtype: in a bf16/fp16 model, float32 cos/sin would promote q
+    and k to float32 while v stays half, and attention refuses mixed dtypes (a no-op in fp32)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -291,12 +295,12 @@ class PreGatedMoEForCausalLM(PreTrainedModel):
             used_logits.append(gate_logits)
         aux = self.config.router_aux_loss_coef * aux
         logits = self.lm_head(self.norm(x))
-        if self.training and torch.is_grad_enabled() and aux.requires_grad:
-            logits = _AuxLossInGradient.apply(logits, aux)
         loss = None
-        if labels is not None:
+        if labels is not None:  # HF-style: ``loss`` carries the balance term itself, so it is not folded as well
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
                                    ignore_index=-100) + aux
+        elif self.training and torch.is_grad_enabled() and aux.requires_grad:
+            logits = _AuxLossInGradient.apply(logits, aux)  # the Trainer only differentiates CE(logits)
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux, logits=logits, router_logits=tuple(used_logits))
 
     def expert_bytes(self) -> int:

@@ -67,6 +67,8 @@ class SoftMoEConfig:
             return self.slots_per_expert
         if self.capacity_factor is None or self.num_tokens is None:
             raise ConfigError("Soft MoE needs slots_per_expert, or capacity_factor together with num_tokens")
+        if self.capacity_factor <= 0:  # else max(1, ...) below would silently turn it into one slot per expert
+            raise ConfigError(f"capacity_factor must be > 0, got {self.capacity_factor}")
         return max(1, round(self.capacity_factor * self.num_tokens / self.num_experts))
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.errors import ConfigError, ManifestMismatchError
+from lmlab.errors import ConfigError, DataError, ManifestMismatchError
 from lmlab.io import atomic_dir, read_manifest, write_manifest
 from lmlab.lm.schedules import Schedule
 from lmlab.moe.data import ImageSplit
@@ -41,6 +41,11 @@ class TrainConfig:
     seed: int = 0
     ewa_beta: float = 0.0  # EWA share rate; > 0 averages experts after every step (2308.06093 Sec. 3.2)
 
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:  # an empty batch trains on nothing and logs a NaN loss
+            raise ConfigError(f"steps and batch_size must be >= 1, got steps={self.steps}, "
+                              f"batch_size={self.batch_size}")
+
 
 @dataclass
 class TrainResult:
@@ -56,6 +61,8 @@ class TrainResult:
 
 def train_classifier(model: ViT, data: ImageSplit, config: TrainConfig, *, progress: bool = False) -> TrainResult:
     """Train ``model`` in place on ``data`` for ``config.steps`` steps; returns per-step losses and times."""
+    if len(data) == 0:
+        raise DataError("no training images: check --train-size / --val-size and the data folder")
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos_embed" not in n]

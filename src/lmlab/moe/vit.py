@@ -38,6 +38,9 @@ class ViTConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
+        for name in ("image_size", "patch_size", "channels", "num_classes", "dim", "depth", "heads", "mlp_hidden"):
+            if getattr(self, name) < 1:  # checked first: a zero patch_size or heads would divide by zero below
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.image_size % self.patch_size:
             raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.dim % self.heads:

@@ -10,6 +10,54 @@ from pathlib import Path
 
 import click
 
+from lmlab.errors import CheckpointError, DataError, ModelNotFoundError
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _load_model(model_dir: str):
+    """The pre-gated MoE LM saved in ``model_dir``; a folder that is not one (no or another config, missing,
+    truncated or mismatched weights) is a one-line :class:`ModelNotFoundError`/:class:`CheckpointError`."""
+    from safetensors import SafetensorError
+    from transformers import AutoConfig
+
+    from lmlab.moe.pregated import MODEL_TYPE, PreGatedMoEForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"{model_dir} is not a model folder ({_first_line(e)}): save a pre-gated MoE LM "
+                                 "there with model.save_pretrained(MODEL_DIR)") from None
+    if config.model_type != MODEL_TYPE:
+        raise ModelNotFoundError(f"{model_dir} holds a {config.model_type!r} model, not a pre-gated MoE LM "
+                                 f"({MODEL_TYPE!r})")
+    try:
+        model, info = PreGatedMoEForCausalLM.from_pretrained(model_dir, config=config, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise CheckpointError(f"cannot load the weights in {model_dir} ({_first_line(e)}): save the model again "
+                              "with model.save_pretrained(MODEL_DIR)") from None
+    bad = [*info.get("missing_keys", ()), *info.get("mismatched_keys", ())]
+    if bad:
+        raise CheckpointError(f"the weights in {model_dir} do not fit its config ({len(bad)} missing or mismatched, "
+                              f"e.g. {bad[0]}): save the model again with model.save_pretrained(MODEL_DIR)")
+    return model.eval()
+
+
+def _store_is_current(path: Path, model) -> bool:
+    """Whether ``path`` is an expert store written from ``model``'s expert weights (a store without a fingerprint,
+    from an older lmlab, or one that does not open counts as not current)."""
+    from lmlab.moe.offload import ExpertStore
+
+    if not path.is_file():
+        return False
+    try:
+        with ExpertStore(path) as st:
+            return st.matches(model) is True
+    except DataError:
+        return False
+
 
 @click.command("generate")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
@@ -25,7 +73,8 @@ import click
 @click.option("--copier", type=click.Choice(["auto", "process", "thread"]), default="auto", show_default=True,
               help="Who copies prefetched experts on a CPU tier: a child process or a Python thread.")
 @click.option("--store", type=click.Path(), default=None,
-              help="Expert store (default MODEL_DIR/experts.safetensors, written from the model if missing).")
+              help="Expert store (default MODEL_DIR/experts.safetensors, rewritten unless written from this model; "
+                   "a given path is written if missing, refused if written from other weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def generate_cmd(model_dir, prompts, max_new_tokens, policy, tier, gbps, latency_us, lru_slots, copier, store,
                  as_json):
@@ -35,14 +84,23 @@ def generate_cmd(model_dir, prompts, max_new_tokens, policy, tier, gbps, latency
     from transformers.utils import logging as hf_logging
 
     from lmlab.moe.offload import OffloadConfig, OffloadEngine, make_tier, save_expert_store
-    from lmlab.moe.pregated import PreGatedMoEForCausalLM
 
     hf_logging.disable_progress_bar()
-    model = PreGatedMoEForCausalLM.from_pretrained(model_dir).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = _load_model(model_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"{model_dir} has no tokenizer that loads ({_first_line(e)}): save one there with "
+                                 "tokenizer.save_pretrained(MODEL_DIR)") from None
     store_path = Path(store) if store else Path(model_dir) / "experts.safetensors"
-    if not store_path.exists():
-        save_expert_store(model, store_path)
+    # the default store is a cache of MODEL_DIR's experts: rewrite it unless it was written from these weights;
+    # an explicit --store is written only if missing (the engine refuses one written from other weights)
+    write = not store_path.exists() if store else not _store_is_current(store_path, model)
+    if write:
+        try:
+            save_expert_store(model, store_path)
+        except OSError as e:
+            raise DataError(f"cannot write the expert store {store_path} ({e}): pass --store PATH") from None
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     if not all(ids):
         raise click.UsageError("every --prompt needs at least one token")

@@ -286,6 +286,17 @@ class OffloadEngine:
                               "or prefetch_all for a conventional MoE")
         self._own_store = not isinstance(store, ExpertStore)
         self.store = ExpertStore(store) if self._own_store else store
+        self._copier = None  # copies issued ahead of need on a CPU tier (prefetch_all, pregated)
+        self._tier_open = False
+        try:
+            self._setup(model, tier)
+        except BaseException:  # a failed construction must not leak the store's descriptor or the copier's process
+            self._close_parts()
+            raise
+
+    def _setup(self, model, tier) -> None:
+        """The rest of construction, after the store is open (``__init__`` closes what this opened if it raises)."""
+        mc = model.config
         self.store.check_model(model)
         self.tier = tier or PageCacheTier()
         self.device = torch.device(self.config.device)
@@ -298,7 +309,6 @@ class OffloadEngine:
                 "prefetch_all": self.num_experts + self.active, "pregated": 2 * self.active}[self.config.policy]
         lru = 0 if self.config.policy == "resident" else self.config.lru_slots
         t0 = time.perf_counter()
-        self._copier = None  # copies issued ahead of need on a CPU tier (prefetch_all, pregated)
         kind = self._copier_kind()
         if kind == "process":
             try:
@@ -318,6 +328,7 @@ class OffloadEngine:
         self._block_s: list[float] = []  # per decode step: time in the blocks
         self._stop = False
         self._reset_counters()
+        self._tier_open = True
         self.tier.open(self.store)
         if self.config.policy == "resident":
             for layer in range(self.num_layers):
@@ -664,9 +675,14 @@ class OffloadEngine:
             return
         self._stop = True
         self.cancel()
+        self._close_parts()
+
+    def _close_parts(self) -> None:
+        """Stop the copier, close the tier (if opened) and the store (if this engine opened it)."""
         if self._copier is not None:
             self._copier.close()
-        self.tier.close()
+        if self._tier_open:
+            self.tier.close()
         if self._own_store:
             self.store.close()
 

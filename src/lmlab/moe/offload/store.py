@@ -4,7 +4,9 @@ Shapes: L blocks, E experts per block, D width, H expert hidden width. Tensor na
 ``layers.{l}.experts.{e}.{w1,b1,w2,b2}`` with w1 (D, H), b1 (H,), w2 (H, D), b2 (D,) (the layout of
 :class:`lmlab.moe.experts.Experts`, one expert's slice each), so one expert is four byte ranges of the file.
 
-:func:`save_expert_store` writes the file (safetensors' own writer, temporary name renamed into place);
+:func:`save_expert_store` writes the file (safetensors' own writer, temporary name renamed into place) with a
+fingerprint of the source experts' weights in its metadata (:func:`expert_fingerprint`), so a store written from
+another model of the same shape is told apart from this model's;
 :class:`ExpertStore` parses the safetensors header itself (8-byte little-endian length + JSON, the format's
 spec) to know each tensor's byte range, checks the file is complete, and offers two ways to read an expert:
 zero-copy views of a memory map (:meth:`ExpertStore.view`) and ``pread`` into a caller's buffer
@@ -13,6 +15,7 @@ zero-copy views of a memory map (:meth:`ExpertStore.view`) and ``pread`` into a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -33,6 +36,27 @@ def tensor_name(layer: int, expert: int, part: str) -> str:
     return f"layers.{layer}.experts.{expert}.{part}"
 
 
+def expert_fingerprint(model) -> str:
+    """sha256 over every expert tensor's name, dtype, shape and bytes, in store order: two models of one shape
+    (another seed, more training, another dtype) get different fingerprints. Cached on the model while none of
+    its expert tensors changes (same storage, same in-place version counter), since hashing large experts takes
+    seconds."""
+    banks = [(li, part, getattr(blk.experts, part)) for li, blk in enumerate(model.layers) for part in PARTS
+             if getattr(blk.experts, part) is not None]
+    key = tuple((t.data_ptr(), t._version, t.dtype) for _, _, t in banks)
+    cached = getattr(model, "_lmlab_expert_fingerprint", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    h = hashlib.sha256()
+    for li, part, bank in banks:
+        t = bank.detach().cpu().contiguous()
+        h.update(f"layers.{li}.experts.{part}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy())
+    digest = h.hexdigest()
+    model._lmlab_expert_fingerprint = (key, digest)
+    return digest
+
+
 def save_expert_store(model, path: str | os.PathLike) -> Path:
     """Write every expert of a :class:`~lmlab.moe.pregated.PreGatedMoEForCausalLM` to ``path`` (safetensors)."""
     from safetensors.torch import save_file
@@ -49,7 +73,8 @@ def save_expert_store(model, path: str | os.PathLike) -> Path:
                 tensors[tensor_name(li, e, part)] = getattr(ex, part)[e].detach().cpu().contiguous().clone()
     ex = model.layers[0].experts
     meta = {"format": FORMAT, "num_layers": str(len(model.layers)), "num_experts": str(ex.num_experts),
-            "dim": str(ex.dim), "hidden": str(ex.hidden), "activation": ex.activation}
+            "dim": str(ex.dim), "hidden": str(ex.hidden), "activation": ex.activation,
+            "fingerprint": expert_fingerprint(model)}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
@@ -94,6 +119,7 @@ class ExpertStore:
             raise DataError(f"{self.path} is not an lmlab expert store (format {meta.get('format')!r})")
         self.num_layers, self.num_experts = int(meta["num_layers"]), int(meta["num_experts"])
         self.dim, self.hidden, self.activation = int(meta["dim"]), int(meta["hidden"]), meta["activation"]
+        self.fingerprint: str | None = meta.get("fingerprint")  # None: written before fingerprints (unknown source)
         base = 8 + n
         self.ranges: dict[str, TensorRange] = {}
         for name, info in header.items():
@@ -132,13 +158,22 @@ class ExpertStore:
         self._buf = torch.frombuffer(self._mm, dtype=torch.uint8)
 
     def check_model(self, model) -> None:
-        """Refuse a store written from a model of another shape."""
+        """Refuse a store written from a model of another shape, or (when the store has a fingerprint) from other
+        weights of the same shape: the engine would silently run the wrong experts. A store without a fingerprint
+        (written by an older lmlab) is checked by shape only."""
         c = model.config
         want = (c.num_hidden_layers, c.num_experts, c.hidden_size, c.expert_hidden_size)
         got = (self.num_layers, self.num_experts, self.dim, self.hidden)
         if want != got:
             raise ManifestMismatchError(f"expert store {self.path} has (layers, experts, dim, hidden) = {got}, "
                                         f"the model {want}: write the store from this model")
+        if self.matches(model) is False:
+            raise ManifestMismatchError(f"expert store {self.path} was written from other expert weights than this "
+                                        "model's: write the store from this model (save_expert_store)")
+
+    def matches(self, model) -> bool | None:
+        """Whether the store was written from ``model``'s expert weights; None when the store has no fingerprint."""
+        return None if self.fingerprint is None else self.fingerprint == expert_fingerprint(model)
 
     def expert_ranges(self, layer: int, expert: int) -> list[TensorRange]:
         return [self.ranges[tensor_name(layer, expert, p)] for p in PARTS]
