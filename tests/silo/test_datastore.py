@@ -207,3 +207,127 @@ def test_ivf_probes_enough_lists_for_large_k(tiny, docs, tmp_path):
     k = n // 2  # far more than one list holds: nprobe 1 alone would return ~n/16 neighbours
     res = ds.search(xq, k)
     assert (res.I >= 0).all() and len(set(res.I[0].tolist())) == k
+
+
+def test_rebuild_keeps_the_opt_outs(store, tiny, docs, small_config, caplog):
+    planted = [d.id for d in store.docs].index("planted")
+    store.optout(doc_ids=["planted"], sources=["p1"])
+    with caplog.at_level("WARNING", logger="lmlab.silo"):
+        again = build_datastore(docs, tiny, store.folder, small_config, progress=False)
+    assert "kept the opt-outs" in caplog.text
+    assert again.manifest["tombstones"] == store.manifest["tombstones"]
+    assert again.removed_docs[planted] and again.removed_docs.sum() == 1 + 3 and len(again) == len(store)
+    xq = np.asarray(again.keys[np.flatnonzero(again.doc == planted)], np.float32)
+    assert not np.isin(again.search(xq, 50).I, np.flatnonzero(again.removed_docs[again.doc])).any()
+    fresh = Datastore.load(store.folder)  # the index on disk was built without them, not only masked
+    assert fresh.index.ntotal == len(again) and fresh.manifest["removed_entries"] == again.n_entries - len(again)
+
+
+def test_two_processes_opting_out_keep_both(store):
+    other = Datastore.load(store.folder)  # e.g. a server that loaded the datastore before the CLI's opt-out
+    store.optout(doc_ids=["planted"])
+    rep = other.optout(doc_ids=["doc00"])
+    assert rep.tombstones["doc_ids"] == ["doc00", "planted"] and rep.documents == 1
+    ids = [d.id for d in other.docs]
+    assert other.removed_docs[ids.index("planted")]  # the other's opt-out applies here too
+    again = Datastore.load(store.folder)
+    assert again.manifest["tombstones"]["doc_ids"] == ["doc00", "planted"] and again.removed_docs.sum() == 2
+    assert store.refresh() and store.removed_docs.sum() == 2 and len(store) == len(again)
+    assert not store.refresh()  # unchanged since: one stat, nothing read
+
+
+def test_optout_waits_for_the_folder_lock(store):
+    import threading
+
+    from lmlab.silo.datastore import folder_lock
+
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (Datastore.load(store.folder).optout(doc_ids=["doc01"]), done.set()))
+    with folder_lock(store.folder):
+        worker.start()
+        assert not done.wait(1.0)  # blocked while another process holds the lock
+    worker.join(30)
+    assert done.is_set() and Datastore.load(store.folder).manifest["tombstones"]["doc_ids"] == ["doc01"]
+
+
+def test_resume_with_other_documents_encodes_them_again(tiny, docs, small_config, tmp_path):
+    out = tmp_path / "ds"
+    with pytest.raises(Interrupt):
+        build_datastore(_interrupting(docs, 9), tiny, out, small_config, progress=False)  # chunks 0 and 1 done
+    copyleft = [d for d in docs if d.license_class == "copyleft"]  # a rerun with another selection
+    ds = build_datastore(copyleft, tiny, out, small_config, progress=False)
+    ref = build_datastore(copyleft, tiny, tmp_path / "ref", small_config, progress=False)
+    assert [d.id for d in ds.docs] == [d.id for d in copyleft]
+    np.testing.assert_array_equal(ds.values, ref.values)
+    np.testing.assert_array_equal(np.asarray(ds.keys), np.asarray(ref.keys))
+    assert ds.manifest["corpus_fingerprint"] == ref.manifest["corpus_fingerprint"]
+
+
+def test_shards_of_other_documents_are_refused(tiny, docs, doc_cls, small_config, tmp_path):
+    edited = [*docs[:-1], doc_cls("planted", "Another text entirely, of the same document id.", "planted:secret",
+                                  "LicenseRef-Proprietary", "unknown")]
+    build_datastore(docs, tiny, tmp_path / "s0", small_config, shard=(0, 2), progress=False)
+    build_datastore(edited, tiny, tmp_path / "s1", small_config, shard=(1, 2), progress=False)
+    with pytest.raises(ManifestMismatchError, match="corpus_fingerprint"):
+        merge_shards([tmp_path / "s0", tmp_path / "s1"], tmp_path / "merged", small_config, progress=False)
+
+
+def test_out_that_is_not_a_datastore_is_refused(tiny, docs, small_config, tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("precious")
+    with pytest.raises(DataError, match="not a silo-datastore"):
+        build_datastore(docs[:2], tiny, victim, small_config, progress=False)
+    assert (victim / "notes.txt").read_text() == "precious" and not (tmp_path / "victim.parts").exists()
+    (tmp_path / "empty").mkdir()  # an empty folder is fine
+    assert build_datastore(docs[:2], tiny, tmp_path / "empty", small_config, progress=False).n_entries > 0
+
+
+def test_index_types_that_train_or_cannot_remove(tiny, docs, small_config, tmp_path):
+    from dataclasses import replace
+
+    for factory in ("PQ8x4fs", "SQ8"):  # trained, but no inverted lists
+        ds = build_datastore(docs, tiny, tmp_path / factory, replace(small_config, factory=factory), progress=False)
+        assert ds.manifest["factory"] == factory and ds.optout(doc_ids=["planted"]).entries > 0
+    for factory, words in (("NotAFactory", "cannot build"), ("PQ7", "cannot build"), ("HNSW16", "cannot remove")):
+        with pytest.raises(ConfigError, match=words):
+            build_datastore(docs, tiny, tmp_path / "bad", replace(small_config, factory=factory), progress=False)
+        assert not (tmp_path / "bad.parts").exists()  # refused before encoding anything
+
+
+def test_old_hnsw_datastore_refuses_optout_cleanly(store):
+    import faiss
+
+    from lmlab.silo.datastore import INDEX
+
+    index = faiss.IndexIDMap2(faiss.index_factory(store.dim, "HNSW16"))
+    index.add_with_ids(np.asarray(store.keys, np.float32), np.arange(store.n_entries, dtype=np.int64))
+    faiss.write_index(index, str(store.folder / INDEX))
+    with pytest.raises(ConfigError, match="cannot remove entries"):
+        Datastore.load(store.folder).optout(doc_ids=["planted"])
+
+
+@pytest.mark.parametrize("name", ["index.faiss", "values.npy", "docs.jsonl", "keys.f16"])
+def test_missing_or_garbage_files_are_a_data_error(store, name):
+    path = store.folder / name
+    data = path.read_bytes()
+    path.write_bytes(b"\x00" * len(data))  # same size: only reading it can tell
+    with pytest.raises(DataError, match="incomplete or corrupted"):
+        Datastore.load(store.folder)
+    path.unlink()
+    with pytest.raises(DataError, match=f"incomplete or corrupted \\({name} is missing"):
+        Datastore.load(store.folder)
+
+
+def test_dot_paths(store, tiny, docs, small_config, tmp_path, monkeypatch):
+    from lmlab.silo.server import SiloService
+
+    monkeypatch.chdir(store.folder)
+    ds = Datastore.load(".")
+    assert ds.folder == store.folder and ds.folder.is_absolute() and len(ds) == len(store)
+    assert SiloService(tiny, ds).audit_log == store.folder.with_name("ds.audit.jsonl")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    build_datastore(docs[:2], tiny, ".", small_config, progress=False)
+    assert Datastore.load(here).n_entries > 0 and not (tmp_path / "here.parts").exists()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmlab.errors import ConfigError, ManifestMismatchError
+from lmlab.errors import ConfigError, DataError, ManifestMismatchError
 from lmlab.lm.score import perplexity
 from lmlab.silo import Datastore, KnnLM, KnnLMConfig, interpolate
 from lmlab.silo.knn_lm import knn_logprobs, knn_target_logprob, neighbour_logweights
@@ -122,3 +122,27 @@ def test_wrong_model_and_bad_config_refused(store):
         KnnLMConfig(lmbda=1.5).validate()
     with pytest.raises(ConfigError):
         KnnLMConfig(distance="cosine").validate()
+
+
+def test_tiny_sampling_temperature_is_greedy_and_seed_is_bounded(store, tiny, docs):
+    knn = KnnLM(tiny, store, KnnLMConfig(k=16, lmbda=0.5))
+    prompt = docs[3].text[:20]
+    greedy = knn.generate(prompt, max_tokens=6, stop_at_eos=False)
+    for t in (1e-40, 1e-6):  # lp / T would be -inf everywhere: softmax NaN, multinomial error
+        assert knn.generate(prompt, max_tokens=6, temperature=t, seed=5, stop_at_eos=False).token_ids == \
+            greedy.token_ids
+    assert len(knn.generate(prompt, max_tokens=3, temperature=0.7, seed=2**63 - 1).token_ids) >= 1
+    for bad in (dict(seed=2**64), dict(seed=-1), dict(temperature=float("nan")), dict(temperature=float("inf"))):
+        with pytest.raises(ConfigError):
+            knn.generate(prompt, max_tokens=2, **{"temperature": 1.0, **bad})
+
+
+def test_store_with_everything_opted_out(store, tiny, docs):
+    store.optout(sources=["*"])
+    assert len(store) == 0
+    knn = KnnLM(tiny, store, KnnLMConfig(k=8, lmbda=0.5))
+    ids = knn.encode([docs[1].text])
+    with pytest.raises(DataError, match="no live entries"):
+        knn.tune(ids, window=64, stride=32)
+    r = knn.evaluate(ids, window=64, stride=32)  # no neighbour: p_kNN := p_LM (module docstring)
+    assert r.ppl == pytest.approx(r.ppl_lm, rel=1e-6)

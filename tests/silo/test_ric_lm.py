@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lmlab.errors import ConfigError, ManifestMismatchError
+from lmlab.errors import ConfigError, DataError, ManifestMismatchError
 from lmlab.lm.score import perplexity
 from lmlab.silo.ric_lm import RicLM, RicLMConfig
 
@@ -45,3 +45,30 @@ def test_budget_and_tokenizer_checked(ric, tiny):
 
     with pytest.raises(ManifestMismatchError):
         RicLM.load(ric.folder, train_bpe(["some text here"] * 10, vocab_size=280))
+
+
+def test_rebuild_keeps_opt_outs_and_two_writers_keep_both(ric, docs, tiny):
+    other = RicLM.load(ric.folder)  # loaded before the first opt-out, like a running server
+    assert ric.optout(doc_ids=["planted"]) > 0
+    assert other.optout(doc_ids=["doc00"]) > 0 and other.removed_docs.sum() == 2  # merged with the disk's
+    again = RicLM.build(docs, tiny.tokenizer, ric.folder, block_tokens=32)
+    assert again.manifest["tombstones"]["doc_ids"] == ["doc00", "planted"] and again.removed_docs.sum() == 2
+    assert ric.refresh() and ric.removed_docs.sum() == 2
+
+
+def test_build_refuses_a_foreign_folder_and_a_corpus_without_terms(docs, doc_cls, tiny, tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("precious")
+    with pytest.raises(DataError, match="not a silo-ric-index"):
+        RicLM.build(docs, tiny.tokenizer, victim, block_tokens=32)
+    assert (victim / "notes.txt").read_text() == "precious"
+    blank = [doc_cls("a", "", "s", "MIT", "permissive_sw"), doc_cls("b", "a", "s", "MIT", "permissive_sw")]
+    with pytest.raises(DataError, match="BM25"):
+        RicLM.build(blank, tiny.tokenizer, tmp_path / "blank", block_tokens=32)
+
+
+def test_missing_block_file_is_a_data_error(ric):
+    (ric.folder / "blocks.npz").unlink()
+    with pytest.raises(DataError, match="incomplete or corrupted"):
+        RicLM.load(ric.folder)

@@ -45,7 +45,9 @@ def test_invalid_requests_get_4xx_with_a_message(served):
              ("/generate", {"prompt": "x" * 300, "max_tokens": 10}, 400, "positions"),
              ("/score", {"text": ""}, 422, "text"),
              ("/score", {"text": "a"}, 400, "2 tokens"),
-             ("/optout", {}, 422, "doc_ids")]
+             ("/optout", {}, 422, "doc_ids"),
+             ("/generate", {"prompt": "x", "seed": 2**64, "temperature": 1}, 422, "seed"),
+             ("/generate", {"prompt": "x", "seed": -1, "temperature": 1}, 422, "seed")]
     for path, body, status, words in cases:
         r = httpx.post(f"{url}{path}", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
         assert r.status_code == status, (path, body, r.text)
@@ -93,3 +95,22 @@ def test_fifty_concurrent_requests(served, docs):
         results = list(pool.map(call, range(50)))
     for key, value in results:
         assert value == (service.datastore.n_entries if key == "stats" else want[key])
+
+
+def test_tiny_sampling_temperature_is_answered(served):
+    url, _ = served
+    r = httpx.post(f"{url}/generate", json={"prompt": "Note 3", "max_tokens": 3, "temperature": 1e-40}, timeout=60)
+    g = httpx.post(f"{url}/generate", json={"prompt": "Note 3", "max_tokens": 3}, timeout=60)
+    assert r.status_code == 200 and r.json()["text"] == g.json()["text"]  # below 1e-5: greedy
+
+
+def test_server_sees_an_optout_made_by_another_process(served, tiny, planted_text):
+    url, service = served
+    Datastore.load(service.datastore.folder).optout(doc_ids=["planted"])  # what `lmlab silo optout` does
+    st = httpx.get(f"{url}/datastore").json()
+    assert st["live_documents"] == st["documents"] - 1 and st["tombstones"]["doc_ids"] == ["planted"]
+    s = httpx.post(f"{url}/score", json={"text": planted_text, "attribute": True}, timeout=60).json()
+    assert all(n["doc_id"] != "planted" for t in s["tokens"] for n in t["neighbours"])
+    r = httpx.post(f"{url}/optout", json={"doc_ids": ["doc00"]}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200 and r.json()["tombstones"]["doc_ids"] == ["doc00", "planted"]
+    assert Datastore.load(service.datastore.folder, tiny).removed_docs.sum() == 2  # neither overwrote the other

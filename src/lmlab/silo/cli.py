@@ -102,8 +102,10 @@ def build_cmd(corpus_path, model_spec, tokenizer, out, classes, restricted, shar
         click.echo(f"shard {res['shard'][0]}/{res['shard'][1]}: {res['entries_this_shard']} entries -> {out}")
     else:
         s = res.stats()
+        kept = (f" ({s['documents'] - s['live_documents']} documents stay opted out, as in the datastore it "
+                f"replaced)" if s["live_documents"] < s["documents"] else "")
         click.echo(f"datastore {out}: {s['entries']} entries, {s['documents']} documents, "
-                   f"{s['index_bytes_per_entry']:.1f} index bytes/entry")
+                   f"{s['index_bytes_per_entry']:.1f} index bytes/entry{kept}")
 
 
 @silo_group.command("merge-shards")

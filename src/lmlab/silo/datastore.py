@@ -29,7 +29,11 @@ with EOS separators, read in SILO's strided windows), key ``k_t`` = the model's 
 - Opt-out (:meth:`Datastore.optout`): by document id, source (or group) or licence class; entries leave the
   index (``remove_ids``) and the tombstones go into the manifest; both files are replaced atomically, and on
   load the tombstones are re-applied and also masked at search time, so a crash between the two writes
-  never resurrects a removed document.
+  never resurrects a removed document. Opt-outs take a file lock (``.optout.lock`` in the folder) and merge with
+  the manifest on disk, so two processes (a server and ``lmlab silo optout``) never lose each other's;
+  :meth:`Datastore.refresh` lets a long-lived process pick up opt-outs made by another. Rebuilding over an
+  existing datastore keeps its tombstones (an opt-out is for good), and a build never replaces a folder that is
+  not a datastore.
 
 Deviations: context windows do not cross chunk boundaries (a chunk is ``docs_per_chunk`` documents);
 SILO joins documents without a separator, we put EOS between them (as :func:`lmlab.lm.score.perplexity_of_texts`).
@@ -42,9 +46,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,6 +73,10 @@ SHARD_KIND = "silo-datastore-shard"
 FORMAT_VERSION = 1
 KEYS = "keys.f16"
 INDEX = "index.faiss"
+LOCK = ".optout.lock"
+NO_TOMBSTONES = {"doc_ids": [], "sources": [], "license_classes": []}
+
+log = logging.getLogger("lmlab.silo")
 
 
 @dataclass(frozen=True)
@@ -82,13 +92,16 @@ class DatastoreConfig:
     add_batch: int = 1_000_000  # vectors added per call (silo-lm num_keys_to_add_at_a_time)
     seed: int = 1  # sampling / training seed (silo-lm np.random.seed(1) before training)
 
-    def validate(self) -> None:
+    def validate(self, dim: int | None = None) -> None:
+        """Check the options; with the key width ``dim``, also that faiss can build ``factory`` (before encoding)."""
         if self.window < 2 or not 0 < self.stride <= self.window:
             raise ConfigError(f"need window >= 2 and 0 < stride <= window; got window {self.window}, "
                               f"stride {self.stride}")
         if self.docs_per_chunk < 1 or self.batch_size < 1:
             raise ConfigError("docs_per_chunk and batch_size must be at least 1")
         parse_key_point(self.key_point)
+        if dim is not None:
+            check_factory(self.factory, dim)
 
 
 @dataclass(frozen=True)
@@ -244,6 +257,25 @@ def _stream(token_lists: list[list[int]], eos: int, first_doc: int) -> tuple[np.
     return np.concatenate(parts), np.concatenate(docs), np.concatenate(offs)
 
 
+def _chunk_fingerprint(chunk: list) -> str:
+    """What a part is encoded from: its documents' provenance and text. A build resumed with another selection
+    of documents (other licence classes, --max-docs) must not reuse a part of the interrupted one."""
+    h = hashlib.sha256()
+    for d in chunk:
+        h.update(json.dumps(asdict(_doc_info(d)), sort_keys=True).encode())
+        h.update(hashlib.sha256(str(d.text).encode()).digest())
+    return h.hexdigest()
+
+
+def _part_fingerprint(part: Path) -> str | None:
+    """The fingerprint a finished part was written with; None if it has none or cannot be read (redo it)."""
+    try:
+        with np.load(part) as z:
+            return z["fingerprint"].tobytes().decode() if "fingerprint" in z.files else None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
 def _build_info(loaded, config: DatastoreConfig) -> dict:
     return dict(model=loaded.spec, model_fingerprint=model_fingerprint(loaded.model),
                 tokenizer_fingerprint=tokenizer_fingerprint(loaded.tokenizer), key_point=config.key_point,
@@ -256,7 +288,9 @@ def encode_parts(docs: Iterable, loaded, parts_dir: str | os.PathLike, config: D
     """Encode the chunks of ``docs`` this shard owns into ``parts_dir`` (resumable); returns the build info.
 
     ``docs`` yields objects with ``.id .text .source .license .license_class`` (and optionally ``.meta``), in
-    a stable order. Each chunk's part is written atomically when done and skipped on a rerun.
+    a stable order. Each chunk's part is written atomically when done and skipped on a rerun if it was encoded
+    from the same documents (:func:`_chunk_fingerprint`), else encoded again; ``build.json`` records the whole
+    selection's fingerprint, which shards must agree on.
     """
     import torch
     from tqdm.auto import tqdm
@@ -266,8 +300,9 @@ def encode_parts(docs: Iterable, loaded, parts_dir: str | os.PathLike, config: D
     if not 0 <= i_shard < n_shards:
         raise ConfigError(f"shard must be i/n with 0 <= i < n; got {i_shard}/{n_shards}")
     parts_dir = Path(parts_dir)
-    parts_dir.mkdir(parents=True, exist_ok=True)
     info = {**_build_info(loaded, config), "shard": [i_shard, n_shards]}
+    config.validate(info["dim"])  # a bad factory string fails now, not after the whole corpus is encoded
+    parts_dir.mkdir(parents=True, exist_ok=True)
     state = parts_dir / "build.json"
     if state.is_file():
         old = json.loads(state.read_text())
@@ -275,25 +310,29 @@ def encode_parts(docs: Iterable, loaded, parts_dir: str | os.PathLike, config: D
         if diff:
             raise ManifestMismatchError(f"{parts_dir} holds a build with other settings ({', '.join(diff)}): "
                                         "use another output folder or delete it")
-    else:
-        write_json_atomic(state, info)
+    write_json_atomic(state, info)  # not complete until this run is: its parts may change (another selection)
     model, tok = loaded.model, loaded.tokenizer
     eos = tok.eos_token_id
     if eos is None:
         raise ConfigError("the tokenizer has no EOS token to separate documents with")
-    n_chunks = n_docs = n_entries = 0
+    n_chunks = n_docs = n_entries = redone = 0
+    selection = hashlib.sha256()  # every shard reads every document: all shards compute the same fingerprint
     bar = tqdm(desc="datastore", unit="tok", disable=not progress)
     with torch.no_grad():
         for c, first, chunk in _chunks(docs, config.docs_per_chunk):
             n_chunks = c + 1
             n_docs = first + len(chunk)
+            fingerprint = _chunk_fingerprint(chunk)
+            selection.update(fingerprint.encode())
             if c % n_shards != i_shard:
                 continue
             done = parts_dir / f"part-{c:07d}.npz"
             if done.is_file():
-                with np.load(done) as z:
-                    n_entries += len(z["values"])
-                continue
+                if _part_fingerprint(done) == fingerprint:
+                    with np.load(done) as z:
+                        n_entries += len(z["values"])
+                    continue
+                redone += 1  # encoded from other documents: the selection changed since the interrupted run
             token_lists = tok([d.text for d in chunk], add_special_tokens=False)["input_ids"]
             infos = [asdict(_doc_info(d)) | {"n_tokens": len(t)} for d, t in zip(chunk, token_lists, strict=True)]
             ids, doc_of, off_of = _stream(token_lists, eos, first)
@@ -312,15 +351,24 @@ def encode_parts(docs: Iterable, loaded, parts_dir: str | os.PathLike, config: D
             arrays = dict(keys=np.concatenate(keys) if keys else np.zeros((0, dim), np.float16),
                           values=(np.concatenate(values) if values else np.zeros(0)).astype(np.int32),
                           doc=doc_of[pos].astype(np.int32), offset=off_of[pos].astype(np.int32),
-                          docs=np.frombuffer(json.dumps(infos).encode(), dtype=np.uint8))
+                          docs=np.frombuffer(json.dumps(infos).encode(), dtype=np.uint8),
+                          fingerprint=np.frombuffer(fingerprint.encode(), dtype=np.uint8))
             tmp = parts_dir / f".part-{c:07d}.tmp.npz"
             np.savez(tmp, **arrays)
             os.replace(tmp, done)
             n_entries += len(arrays["values"])
     bar.close()
-    summary = {**info, "chunks": n_chunks, "documents": n_docs, "entries_this_shard": n_entries}
-    write_json_atomic(parts_dir / "build.json", {**info, "complete": True, "chunks": n_chunks, "documents": n_docs})
-    return summary
+    for p in parts_dir.glob("part-*.npz"):  # chunks past the end: left by a run over more documents
+        number = p.stem.removeprefix("part-")
+        if number.isdigit() and int(number) >= n_chunks:
+            p.unlink()
+            redone += 1
+    if redone:
+        log.warning("%s: %d chunk(s) were encoded from other documents than this run's: encoded them again",
+                    parts_dir, redone)
+    done = {"chunks": n_chunks, "documents": n_docs, "corpus_fingerprint": selection.hexdigest()}
+    write_json_atomic(parts_dir / "build.json", {**info, "complete": True, **done})
+    return {**info, **done, "entries_this_shard": n_entries}
 
 
 def _read_parts(parts_dirs: list[Path]) -> tuple[dict, list[Path]]:
@@ -331,10 +379,11 @@ def _read_parts(parts_dirs: list[Path]) -> tuple[dict, list[Path]]:
         bad = [str(d) for d, i in zip(parts_dirs, infos, strict=True) if not i.get("complete")]
         raise DataError(f"unfinished shard(s) {', '.join(bad)}: rerun their build to resume it")
     keys = ("model_fingerprint", "tokenizer_fingerprint", "key_point", "dim", "window", "stride",
-            "docs_per_chunk", "chunks", "documents")
+            "docs_per_chunk", "chunks", "documents", "corpus_fingerprint")
     for k in keys:
-        if len({json.dumps(i[k]) for i in infos}) > 1:
-            raise ManifestMismatchError(f"shards disagree on {k}: they were built with different models/settings")
+        if len({json.dumps(i.get(k)) for i in infos}) > 1:
+            raise ManifestMismatchError(f"shards disagree on {k}: they were built from different documents, "
+                                        "models or settings")
     n_shards = {i["shard"][1] for i in infos}
     got = sorted(i["shard"][0] for i in infos)
     if len(n_shards) != 1 or got != list(range(next(iter(n_shards)))):
@@ -358,28 +407,136 @@ def auto_factory(n: int, dim: int) -> str:
     return f"IVF{nlist},PQ{m}"
 
 
+def _ivf_of(index):
+    """The IVF index inside ``index``, or None (Flat, PQ, SQ, HNSW... have no inverted lists)."""
+    import faiss
+
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
 def _new_index(factory: str, dim: int):
     import faiss
 
     index = faiss.index_factory(dim, factory, faiss.METRIC_L2)
-    try:
-        faiss.extract_index_ivf(index)  # IVF indexes keep explicit ids: remove_ids does not renumber
+    if _ivf_of(index) is not None:  # IVF indexes keep explicit ids: remove_ids does not renumber
         return index
+    return faiss.IndexIDMap2(index)
+
+
+def _faiss_reason(e: Exception) -> str:
+    """The last line of a faiss exception ("Error: 'd % M == 0' failed"), without its C++ file and function."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    last = lines[-1] if lines else type(e).__name__
+    return last.split(": ", 1)[1] if last.startswith("Error in ") and ": " in last else last
+
+
+def check_factory(factory: str, dim: int) -> None:
+    """Refuse a factory string faiss cannot build for ``dim``-wide keys, and an index that cannot remove entries
+    (HNSW): opt-out is a promise of the datastore, so it must work on every index we build."""
+    if factory == "auto":
+        return
+    try:
+        index = _new_index(factory, dim)
+    except RuntimeError as e:
+        raise ConfigError(f"faiss cannot build index {factory!r} for {dim}-wide keys ({_faiss_reason(e)}): use a "
+                          "faiss index_factory string such as Flat, IVF4096,Flat or IVF4096,PQ64") from None
+    try:
+        index.remove_ids(np.zeros(0, np.int64))
     except RuntimeError:
-        return faiss.IndexIDMap2(index)
+        raise ConfigError(f"index {factory!r} cannot remove entries, so documents could not be opted out: use "
+                          "Flat, an IVF index (IVF4096,Flat / IVF4096,PQ64), PQ or SQ") from None
+
+
+# -- rebuilding over an existing folder ------------------------------------------------------------
+
+
+def _abs(path: str | os.PathLike) -> Path:
+    """An absolute, normalised path: ``.`` or ``ds/..`` have no name to derive the sibling folders from."""
+    return Path(os.path.abspath(path))
+
+
+def merge_tombstones(*tombstones: dict) -> dict:
+    """The union of opt-out tombstones (doc ids, sources, licence classes): an opt-out is never undone."""
+    return {k: sorted(set().union(*(t.get(k, ()) for t in tombstones))) for k in NO_TOMBSTONES}
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """An exclusive ``flock`` on ``folder/.optout.lock``, across processes: opt-outs (and a rebuild's swap) one at
+    a time. A rebuild replaces the folder, so a lock taken on the old folder's file is taken again."""
+    import fcntl
+
+    path = folder / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def existing_artefact(out: Path, kind: str) -> dict | None:
+    """The manifest at ``out`` if it is a ``kind`` (a rebuild, which keeps its opt-outs); None if ``out`` is absent
+    or an empty folder. Anything else is refused: a build replaces ``out``, and that folder is not ours to delete."""
+    if not out.exists() or (out.is_dir() and not any(p.name != LOCK for p in out.iterdir())):
+        return None
+    if out.is_dir() and (out / MANIFEST).is_file():
+        try:
+            manifest = read_manifest(out)
+        except DataError as e:
+            raise DataError(f"{e}; its opt-outs cannot be kept through a rebuild: fix or remove {out} "
+                            "first") from None
+        if manifest.get("kind") == kind:
+            return manifest
+    raise DataError(f"{out} exists and is not a {kind}: a build there would delete it; choose another output "
+                    "folder (or remove it yourself)")
+
+
+def carried_tombstones(out: Path, kind: str, hold: contextlib.ExitStack) -> dict:
+    """The opt-outs of the ``kind`` being rebuilt at ``out`` (none for a new folder), read under its opt-out lock,
+    which ``hold`` keeps until the new folder is in place, so that an opt-out made meanwhile is not lost either."""
+    if not out.is_dir():
+        return merge_tombstones()
+    hold.enter_context(folder_lock(out))
+    old = existing_artefact(out, kind)
+    tombstones = merge_tombstones(old.get("tombstones", {}) if old else {})
+    if any(tombstones.values()):
+        log.warning("%s: kept the opt-outs of the previous build (%s)", out,
+                    "; ".join(f"{k}: {', '.join(v)}" for k, v in tombstones.items() if v))
+    return tombstones
 
 
 def finalize(parts_dirs: list[str | os.PathLike], out: str | os.PathLike, config: DatastoreConfig,
              *, progress: bool = True) -> Datastore:
-    """Assemble finished parts into a datastore folder at ``out`` (keys, values, provenance, index, manifest)."""
+    """Assemble finished parts into a datastore folder at ``out`` (keys, values, provenance, index, manifest).
+
+    Over an existing datastore, its opt-out tombstones are carried into the new one and applied; any other
+    non-empty folder at ``out`` is refused.
+    """
     import faiss
     from tqdm.auto import tqdm
 
     parts_dirs = [Path(p) for p in parts_dirs]
+    out = _abs(out)
     info, files = _read_parts(parts_dirs)
     info = {k: v for k, v in info.items() if k not in ("shard", "complete")}
     dim = info["dim"]
-    with atomic_dir(out) as tmp:
+    config.validate(dim)
+    existing_artefact(out, KIND)  # refuse now, before the work
+    with contextlib.ExitStack() as hold, atomic_dir(out) as tmp:  # hold: released after the swap
         sizes = []
         for f in files:
             with np.load(f) as z:
@@ -413,22 +570,33 @@ def finalize(parts_dirs: list[str | os.PathLike], out: str | os.PathLike, config
         index = _new_index(factory, dim)
         if not index.is_trained:
             rng = np.random.default_rng(config.seed)
-            nlist = getattr(faiss.extract_index_ivf(index), "nlist", 1)
+            ivf = _ivf_of(index)  # PQ / SQ without IVF train too, with no lists
+            nlist = ivf.nlist if ivf is not None else 1
             want = max(config.train_size, 39 * nlist)  # faiss's k-means wants >= 39 points per centroid
             sample = np.sort(rng.choice(n, size=min(n, want), replace=False))
             if len(sample) < nlist:
                 raise ConfigError(f"index {factory!r} needs at least {nlist} training vectors; the datastore "
                                   f"has {n}: use a smaller IVF (e.g. IVF{max(1, n // 39)},PQ..) or Flat")
-            index.train(np.ascontiguousarray(xb_all[sample], dtype=np.float32))
+            try:
+                index.train(np.ascontiguousarray(xb_all[sample], dtype=np.float32))
+            except RuntimeError as e:
+                raise ConfigError(f"index {factory!r} cannot be trained on the datastore's {n} vectors "
+                                  f"({_faiss_reason(e)}): use a smaller index (fewer PQ bits, fewer lists) or "
+                                  "Flat") from None
         for start in tqdm(range(0, n, config.add_batch), desc="index", disable=not progress):
             xb = np.ascontiguousarray(xb_all[start:start + config.add_batch], dtype=np.float32)
             index.add_with_ids(xb, np.arange(start, start + len(xb), dtype=np.int64))
-        faiss.write_index(index, str(tmp / INDEX))
         del xb_all
+        tombstones = carried_tombstones(out, KIND, hold)
+        dead = np.flatnonzero(match_documents([DocInfo(**d) for d in docs], tombstones["doc_ids"],
+                                              tombstones["sources"], tombstones["license_classes"])[doc])
+        if len(dead):
+            index.remove_ids(dead.astype(np.int64))
+        faiss.write_index(index, str(tmp / INDEX))
         write_manifest(tmp, {
             "kind": KIND, "format_version": FORMAT_VERSION, **info, "factory": factory,
             "nprobe": config.nprobe, "metric": "L2", "entries": n, "documents": len(docs),
-            "tombstones": {"doc_ids": [], "sources": [], "license_classes": []}, "removed_entries": 0,
+            "tombstones": tombstones, "removed_entries": len(dead),
             "index_bytes": (tmp / INDEX).stat().st_size,
         })
     return Datastore.load(out)
@@ -442,9 +610,10 @@ def build_datastore(docs: Iterable, loaded, out: str | os.PathLike, config: Data
     datastore to ``out``; returns the :class:`Datastore`. With ``shard=(i, n)``: ``out`` is a shard folder
     of parts (returns the build info); join the shards with :func:`merge_shards`.
     """
-    out = Path(out)
+    out = _abs(out)
     if shard is not None:
         return encode_parts(docs, loaded, out, config, shard=shard, progress=progress)
+    existing_artefact(out, KIND)  # refuse before encoding anything
     parts = out.with_name(out.name + ".parts")
     encode_parts(docs, loaded, parts, config, progress=progress)
     ds = finalize([parts], out, config, progress=progress)
@@ -469,21 +638,38 @@ class Datastore:
     """
 
     def __init__(self, folder: Path, manifest: dict):
-        import faiss
-
         self.folder = folder
         self.manifest = manifest
-        self.values = np.load(folder / "values.npy")  # (N,) int32 next-token ids
-        self.doc = np.load(folder / "doc.npy")  # (N,) int32 document index
-        self.offset = np.load(folder / "offset.npy")  # (N,) int32 token offset in the document
-        self.keys = np.load(folder / KEYS, mmap_mode="r")  # (N, D) float16
-        with open(folder / "docs.jsonl", encoding="utf-8") as f:
+        self._seen = None  # the manifest file this object last read (refresh)
+        self._load()
+
+    def _load(self) -> None:
+        """Read the folder's files; a missing, truncated or garbage one is a DataError, not a traceback."""
+        import faiss
+
+        folder, manifest = self.folder, self.manifest
+        check_files(folder, manifest, skip_size=(INDEX,))  # opt-out rewrites the index (a crash may leave the old)
+        with _readable(folder, "values.npy"):
+            self.values = np.load(folder / "values.npy")  # (N,) int32 next-token ids
+        with _readable(folder, "doc.npy"):
+            self.doc = np.load(folder / "doc.npy")  # (N,) int32 document index
+        with _readable(folder, "offset.npy"):
+            self.offset = np.load(folder / "offset.npy")  # (N,) int32 token offset in the document
+        with _readable(folder, KEYS):
+            self.keys = np.load(folder / KEYS, mmap_mode="r")  # (N, D) float16
+        with _readable(folder, "docs.jsonl"), open(folder / "docs.jsonl", encoding="utf-8") as f:
             self.docs = [DocInfo(**json.loads(line)) for line in f]
-        self.index = faiss.read_index(str(folder / INDEX))
+        with _readable(folder, INDEX):
+            self.index = faiss.read_index(str(folder / INDEX))
+        n = len(self.values)
+        if (len(self.doc), len(self.offset), self.keys.shape) != (n, n, (n, int(manifest["dim"]))) \
+                or n != manifest.get("entries", n) or (n and int(self.doc.max()) >= len(self.docs)) \
+                or self.index.ntotal > n or self.index.d != self.keys.shape[1]:
+            raise DataError(f"{folder} is incomplete or corrupted (its files disagree on the number of entries): "
+                            "rebuild it")
         self.nprobe = int(manifest.get("nprobe", 8))
-        self._ivf = None
-        with contextlib.suppress(RuntimeError):
-            self._ivf = faiss.extract_index_ivf(self.index)
+        self._ivf = _ivf_of(self.index)
+        if self._ivf is not None:
             self._ivf.nprobe = self.nprobe
         self.removed_docs = np.zeros(len(self.docs), bool)
         self._apply_tombstones()
@@ -493,10 +679,12 @@ class Datastore:
     def load(cls, folder: str | os.PathLike, loaded=None, *, key_point: str | None = None,
              verify: bool = False) -> Datastore:
         """Open a datastore; with ``loaded`` (a LoadedModel) refuse one built with another model or tokenizer."""
-        folder = Path(folder)
+        folder = _abs(folder)
         manifest = read_manifest(folder, verify=verify)
         if manifest.get("kind") != KIND:
             raise ManifestMismatchError(f"{folder} is a {manifest.get('kind')!r}, not a {KIND}")
+        if "dim" not in manifest:
+            raise DataError(f"{folder}/{MANIFEST} lacks the datastore's fields: the folder is corrupted, rebuild it")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise ManifestMismatchError(f"{folder} has datastore format {manifest.get('format_version')}; "
                                         f"this lmlab reads {FORMAT_VERSION}: rebuild it")
@@ -596,38 +784,76 @@ class Datastore:
         t = self.manifest.get("tombstones", {})
         self.removed_docs = self._match(t.get("doc_ids", ()), t.get("sources", ()), t.get("license_classes", ()))
         dead = np.flatnonzero(self.removed_docs[self.doc])
-        return int(self.index.remove_ids(dead.astype(np.int64))) if len(dead) else 0
+        if not len(dead):
+            return 0
+        try:
+            return int(self.index.remove_ids(dead.astype(np.int64)))
+        except RuntimeError:  # HNSW (refused by builds since; an older datastore may have one)
+            raise ConfigError(f"{self.folder}: its index ({self.manifest.get('factory')!r}) cannot remove entries, "
+                              "so documents cannot be opted out: rebuild it with Flat or an IVF index") from None
+
+    def refresh(self) -> bool:
+        """Catch up with what another process wrote (``lmlab silo optout`` beside a server; a rebuild): if the
+        manifest changed, apply its tombstones, or reload the folder if it was rebuilt. Returns whether it changed.
+        A rebuild with another model raises ManifestMismatchError (the model in memory would not match)."""
+        stamp = manifest_stamp(self.folder)  # before reading: a write after it is seen next time
+        if stamp is None or stamp == self._seen:
+            return False
+        manifest = read_manifest(self.folder)
+        if manifest.get("kind") != KIND:
+            raise DataError(f"{self.folder} is no longer a {KIND}: restart with a datastore")
+        if _build_identity(manifest) != _build_identity(self.manifest):
+            for key in ("model_fingerprint", "tokenizer_fingerprint", "key_point"):
+                if manifest.get(key) != self.manifest.get(key):
+                    raise ManifestMismatchError(f"{self.folder} was rebuilt with another {key.split('_')[0]}: "
+                                                "restart with the model it was built with")
+            self.manifest = {**manifest, "tombstones": merge_tombstones(self.manifest.get("tombstones", {}),
+                                                                        manifest.get("tombstones", {}))}
+            self._load()
+        else:
+            tombstones = merge_tombstones(self.manifest.get("tombstones", {}), manifest.get("tombstones", {}))
+            changed = tombstones != merge_tombstones(self.manifest.get("tombstones", {}))
+            self.manifest = {**manifest, "tombstones": tombstones}
+            if changed:
+                self._apply_tombstones()
+        self._seen = stamp
+        return True
 
     def optout(self, *, doc_ids: Iterable[str] = (), sources: Iterable[str] = (),
                license_classes: Iterable[str] = ()) -> OptOutReport:
-        """Remove documents by id, source/group (``prefix*`` for a prefix) or licence class; persist atomically."""
+        """Remove documents by id, source/group (``prefix*`` for a prefix) or licence class; persist atomically.
+
+        Under the folder's opt-out lock, starting from the manifest on disk: an opt-out another process made since
+        this datastore was loaded is kept (and applied here too), not overwritten.
+        """
         import faiss
 
         doc_ids, sources, license_classes = list(doc_ids), list(sources), list(license_classes)
         if not (doc_ids or sources or license_classes):
             raise ConfigError("opt-out needs at least one document id, source or licence class")
-        hit = self._match(doc_ids, sources, license_classes)
-        if not hit.any():
-            raise DataError("no datastore document matches that opt-out request (check the id/source/class)")
-        newly = hit & ~self.removed_docs
-        before = len(self)
-        t = self.manifest.get("tombstones", {"doc_ids": [], "sources": [], "license_classes": []})
-        t = {"doc_ids": sorted(set(t.get("doc_ids", [])) | set(doc_ids)),
-             "sources": sorted(set(t.get("sources", [])) | set(sources)),
-             "license_classes": sorted(set(t.get("license_classes", [])) | set(license_classes))}
-        self.manifest = {**self.manifest, "tombstones": t}
-        self._apply_tombstones()
-        removed = before - len(self)
-        # The manifest (tombstones + the new index's checksum) is written first: a crash before the index is
-        # renamed into place leaves the old index, and loading re-applies the tombstones to it.
-        tmp = self.folder / f".{INDEX}.tmp"
-        faiss.write_index(self.index, str(tmp))
-        files = dict(self.manifest.get("files", {}))
-        files[INDEX] = {"bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
-        self.manifest = {**self.manifest, "removed_entries": int(self.n_entries - len(self)),
-                         "index_bytes": tmp.stat().st_size, "files": files}
-        write_json_atomic(self.folder / MANIFEST, self.manifest)
-        os.replace(tmp, self.folder / INDEX)
+        with folder_lock(self.folder):
+            self.refresh()
+            hit = self._match(doc_ids, sources, license_classes)
+            if not hit.any():
+                raise DataError("no datastore document matches that opt-out request (check the id/source/class)")
+            newly = hit & ~self.removed_docs
+            before = len(self)
+            t = merge_tombstones(self.manifest.get("tombstones", {}),
+                                 {"doc_ids": doc_ids, "sources": sources, "license_classes": license_classes})
+            self.manifest = {**self.manifest, "tombstones": t}
+            self._apply_tombstones()
+            removed = before - len(self)
+            # The manifest (tombstones + the new index's checksum) is written first: a crash before the index is
+            # renamed into place leaves the old index, and loading re-applies the tombstones to it.
+            tmp = self.folder / f".{INDEX}.tmp"
+            faiss.write_index(self.index, str(tmp))
+            files = dict(self.manifest.get("files", {}))
+            files[INDEX] = {"bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
+            self.manifest = {**self.manifest, "removed_entries": int(self.n_entries - len(self)),
+                             "index_bytes": tmp.stat().st_size, "files": files}
+            write_json_atomic(self.folder / MANIFEST, self.manifest)
+            self._seen = manifest_stamp(self.folder)
+            os.replace(tmp, self.folder / INDEX)
         return OptOutReport(documents=int(newly.sum()), entries=int(removed), live_entries=len(self), tombstones=t)
 
     def stats(self) -> dict:
@@ -638,6 +864,42 @@ class Datastore:
                     live_documents=live_docs, tombstones=m.get("tombstones", {}),
                     index_bytes=int((self.folder / INDEX).stat().st_size),
                     index_bytes_per_entry=(self.folder / INDEX).stat().st_size / max(1, self.n_entries))
+
+
+def manifest_stamp(folder: Path):
+    """Identity of the manifest file now (a new inode for every atomic write); None while it is being replaced."""
+    try:
+        st = os.stat(folder / MANIFEST)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _build_identity(manifest: dict) -> str:
+    """What a rebuild changes and an opt-out does not: the manifest without tombstones and the index file."""
+    skip = ("tombstones", "removed_entries", "index_bytes", "files")
+    files = {k: v for k, v in manifest.get("files", {}).items() if k != INDEX}
+    return json.dumps([{k: v for k, v in manifest.items() if k not in skip}, files], sort_keys=True, default=str)
+
+
+def check_files(folder: Path, manifest: dict, *, skip_size: Iterable[str] = ()) -> None:
+    """Cheap checks before loading a built folder: every file its manifest lists is there, at its recorded size."""
+    for rel, meta in manifest.get("files", {}).items():
+        p = folder / rel
+        if not p.is_file():
+            raise DataError(f"{folder} is incomplete or corrupted ({rel} is missing): rebuild it")
+        if rel not in skip_size and "bytes" in meta and p.stat().st_size != meta["bytes"]:
+            raise DataError(f"{folder} is incomplete or corrupted ({rel} has {p.stat().st_size} bytes, its manifest "
+                            f"says {meta['bytes']}): rebuild it")
+
+
+@contextlib.contextmanager
+def _readable(folder: Path, name: str):
+    """Turn a failure to read ``name`` (garbage, truncated, unreadable) into one actionable DataError."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as e:
+        raise DataError(f"{folder} is incomplete or corrupted ({name} cannot be read): rebuild it") from e
 
 
 def match_documents(docs: list[DocInfo], doc_ids: Iterable[str] = (), sources: Iterable[str] = (),

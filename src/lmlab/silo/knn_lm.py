@@ -35,6 +35,7 @@ import torch
 
 from lmlab.errors import ConfigError, DataError
 
+GREEDY_BELOW = 1e-5  # a sampling temperature below this decodes greedily (lp / T would overflow to all -inf)
 K_GRID = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # silo-lm ks = [128, ..., 4096]; 16-64 added
 TEMPERATURE_GRID = (0.5, 0.8, 0.9, 1.0, 2.0, 3.0, 4.0, 5.0,  # silo-lm, exact scores
                     10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0)  # silo-lm, approximate scores
@@ -234,10 +235,14 @@ class KnnLM:
              progress: bool = False) -> TuneResult:
         """Grid-search (k, temperature, lmbda) on ``ids`` (a validation split); one search at the largest k.
 
-        k values above the number of live entries are dropped (they would equal the largest k that fits).
+        k values above the number of live entries are dropped (they would equal the largest k that fits). A
+        datastore with no live entry (every document opted out) has nothing to tune: DataError.
         """
         ids = torch.as_tensor(ids, dtype=torch.long)
         live = len(self.datastore)
+        if live == 0:
+            raise DataError(f"the datastore {self.datastore.folder} has no live entries (every document is opted "
+                            "out): there is no k, temperature or lmbda to tune; rebuild it with other documents")
         ks = sorted({min(k, live) for k in k_grid})
         k_max = ks[-1]
         temps = list(temperature_grid)
@@ -305,15 +310,22 @@ class KnnLM:
     @torch.no_grad()
     def generate(self, prompt: str, *, max_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
                  top: int = 3, stop_at_eos: bool = True) -> Generation:
-        """Decode from the kNN-LM distribution (greedy at temperature 0), attributing every generated token."""
+        """Decode from the kNN-LM distribution, attributing every generated token.
+
+        ``temperature`` 0 is greedy, and so is any temperature below ``GREEDY_BELOW`` (1e-5): sampling tends to
+        greedy as T -> 0, and ``lp / T`` would overflow to -inf everywhere (NaN probabilities). Above it, samples
+        from softmax(lp / T) (finite: lp's largest entry is >= -log V). ``seed`` in [0, 2**63 - 1].
+        """
         from lmlab.lm.hooks import capture
         from lmlab.silo.attribution import TokenAttribution, top_neighbours
         from lmlab.silo.datastore import parse_key_point
 
         if max_tokens < 1:
             raise ConfigError("max_tokens must be at least 1")
-        if temperature < 0:
-            raise ConfigError("temperature must be >= 0")
+        if not temperature >= 0 or math.isinf(temperature):
+            raise ConfigError(f"temperature must be a finite number >= 0; got {temperature}")
+        if not 0 <= seed <= 2**63 - 1:
+            raise ConfigError(f"seed must be in [0, 2**63 - 1]; got {seed}")
         tok, model, c = self.tokenizer, self.model, self.config
         ids = tok(prompt, add_special_tokens=False)["input_ids"] if prompt else []
         if not ids:
@@ -347,7 +359,7 @@ class KnnLM:
             logw = neighbour_logweights(D, c.temperature, c.distance)
             lp_knn = knn_logprobs(logw, vals, V) if not torch.isinf(D).all() else lp_lm
             lp = interpolate(lp_lm, lp_knn, c.lmbda)[0]
-            if temperature == 0:
+            if temperature < GREEDY_BELOW:
                 y = int(torch.argmax(lp))
             else:
                 y = int(torch.multinomial(torch.softmax(lp / temperature, -1), 1, generator=gen))

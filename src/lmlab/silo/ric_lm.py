@@ -15,13 +15,15 @@ no context (the first) gets no retrieval, as in silo-lm.
 
 Deviations: blocks do not cross document boundaries (so each block has one document's provenance; the
 last block of a document may be shorter); BM25 is bm25s (Lucene-like scoring, English stopwords) instead of
-pyserini; opted-out documents' blocks are masked at retrieval (``weight_mask``).
+pyserini; opted-out documents' blocks are masked at retrieval (``weight_mask``). As for the datastore, opt-outs
+take the folder's lock and merge with the manifest on disk, and rebuilding an index keeps its opt-outs.
 
 Shape legend: B blocks, b windows in a batch, T tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -77,17 +79,24 @@ class RicLM:
     """A BM25 index over token blocks of the datastore corpus, and RIC-LM evaluation with it."""
 
     def __init__(self, folder: Path, manifest: dict):
+        self.folder, self.manifest = folder, manifest
+        self._seen = None  # the manifest file this object last read (refresh)
+        self._load()
+
+    def _load(self) -> None:
         import bm25s
 
-        from lmlab.silo.datastore import DocInfo
+        from lmlab.silo.datastore import DocInfo, _readable, check_files
 
-        self.folder, self.manifest = folder, manifest
-        z = np.load(folder / "blocks.npz")
-        self.tokens, self.starts = z["tokens"], z["starts"]  # block b = tokens[starts[b]:starts[b + 1]]
-        self.block_doc, self.block_offset = z["doc"], z["offset"]
-        with open(folder / "docs.jsonl", encoding="utf-8") as f:
+        folder = self.folder
+        check_files(folder, self.manifest)
+        with _readable(folder, "blocks.npz"), np.load(folder / "blocks.npz") as z:
+            self.tokens, self.starts = z["tokens"], z["starts"]  # block b = tokens[starts[b]:starts[b + 1]]
+            self.block_doc, self.block_offset = z["doc"], z["offset"]
+        with _readable(folder, "docs.jsonl"), open(folder / "docs.jsonl", encoding="utf-8") as f:
             self.docs = [DocInfo(**json.loads(line)) for line in f]
-        self.bm25 = bm25s.BM25.load(str(folder / "bm25"), show_progress=False)
+        with _readable(folder, "bm25"):
+            self.bm25 = bm25s.BM25.load(str(folder / "bm25"), show_progress=False)
         self.removed_docs = np.zeros(len(self.docs), bool)
         self._apply_tombstones()
 
@@ -100,13 +109,18 @@ class RicLM:
 
     @classmethod
     def build(cls, docs: Iterable, tokenizer, out: str | os.PathLike, *, block_tokens: int = 256) -> RicLM:
-        """Cut ``docs`` (objects with .id .text .source .license .license_class) into blocks and index them."""
+        """Cut ``docs`` (objects with .id .text .source .license .license_class) into blocks and index them.
+
+        Over an existing RIC-LM index its opt-out tombstones are kept; any other non-empty folder is refused.
+        """
         import bm25s
 
-        from lmlab.silo.datastore import _doc_info, tokenizer_fingerprint
+        from lmlab.silo.datastore import _abs, _doc_info, carried_tombstones, existing_artefact, tokenizer_fingerprint
 
         if block_tokens < 1:
             raise ConfigError("block_tokens must be at least 1")
+        out = _abs(out)
+        existing_artefact(out, KIND)
         tokens, starts, bdoc, boff, infos, texts = [], [0], [], [], [], []
         for i, d in enumerate(docs):
             ids = tokenizer(d.text, add_special_tokens=False)["input_ids"]
@@ -120,23 +134,27 @@ class RicLM:
                 texts.append(tokenizer.decode(blk))
         if not texts:
             raise DataError("no text to index for RIC-LM")
-        with atomic_dir(out) as tmp:
+        terms = _bm25_tokenize(texts)
+        if not any(terms):
+            raise DataError("no block of the corpus has a word BM25 can index (blank, punctuation or stopwords "
+                            "only): give RIC-LM documents with text")
+        with contextlib.ExitStack() as hold, atomic_dir(out) as tmp:  # hold: released after the swap
             np.savez(tmp / "blocks.npz", tokens=np.asarray(tokens, np.int32), starts=np.asarray(starts, np.int64),
                      doc=np.asarray(bdoc, np.int32), offset=np.asarray(boff, np.int32))
             (tmp / "docs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in infos), encoding="utf-8")
             retriever = bm25s.BM25()
-            retriever.index(_bm25_tokenize(texts), show_progress=False)
+            retriever.index(terms, show_progress=False)
             retriever.save(str(tmp / "bm25"), show_progress=False)
             write_manifest(tmp, {"kind": KIND, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                                  "block_tokens": block_tokens, "blocks": len(bdoc), "documents": len(infos),
-                                 "tombstones": {"doc_ids": [], "sources": [], "license_classes": []}})
+                                 "tombstones": carried_tombstones(out, KIND, hold)})
         return cls.load(out)
 
     @classmethod
     def load(cls, folder: str | os.PathLike, tokenizer=None) -> RicLM:
-        from lmlab.silo.datastore import tokenizer_fingerprint
+        from lmlab.silo.datastore import _abs, tokenizer_fingerprint
 
-        folder = Path(folder)
+        folder = _abs(folder)
         manifest = read_manifest(folder)
         if manifest.get("kind") != KIND:
             raise ManifestMismatchError(f"{folder} is a {manifest.get('kind')!r}, not a {KIND}")
@@ -151,17 +169,40 @@ class RicLM:
         self.removed_docs = match_documents(self.docs, t.get("doc_ids", ()), t.get("sources", ()),
                                             t.get("license_classes", ()))
 
+    def refresh(self) -> bool:
+        """Apply opt-outs another process wrote to the manifest since (reload the folder if it was rebuilt)."""
+        from lmlab.silo.datastore import _build_identity, manifest_stamp, merge_tombstones
+
+        stamp = manifest_stamp(self.folder)
+        if stamp is None or stamp == self._seen:
+            return False
+        manifest = read_manifest(self.folder)
+        tombstones = merge_tombstones(self.manifest.get("tombstones", {}), manifest.get("tombstones", {}))
+        rebuilt = _build_identity(manifest) != _build_identity(self.manifest)
+        self.manifest = {**manifest, "tombstones": tombstones}
+        if rebuilt:
+            self._load()
+        else:
+            self._apply_tombstones()
+        self._seen = stamp
+        return True
+
     def optout(self, *, doc_ids: Iterable[str] = (), sources: Iterable[str] = (),
                license_classes: Iterable[str] = ()) -> int:
-        """Tombstone documents (same matching as the datastore's opt-out); returns how many blocks it masks."""
-        t = self.manifest.get("tombstones", {})
-        t = {"doc_ids": sorted(set(t.get("doc_ids", [])) | set(doc_ids)),
-             "sources": sorted(set(t.get("sources", [])) | set(sources)),
-             "license_classes": sorted(set(t.get("license_classes", [])) | set(license_classes))}
-        before = int(self.removed_docs[self.block_doc].sum())
-        self.manifest = {**self.manifest, "tombstones": t}
-        self._apply_tombstones()
-        write_json_atomic(self.folder / "manifest.json", self.manifest)
+        """Tombstone documents (same matching as the datastore's opt-out); returns how many blocks it masks.
+
+        Under the folder's opt-out lock, merged with the manifest on disk (no other process's opt-out is lost)."""
+        from lmlab.silo.datastore import folder_lock, manifest_stamp, merge_tombstones
+
+        with folder_lock(self.folder):
+            self.refresh()
+            before = int(self.removed_docs[self.block_doc].sum())
+            t = merge_tombstones(self.manifest.get("tombstones", {}), {
+                "doc_ids": list(doc_ids), "sources": list(sources), "license_classes": list(license_classes)})
+            self.manifest = {**self.manifest, "tombstones": t}
+            self._apply_tombstones()
+            write_json_atomic(self.folder / "manifest.json", self.manifest)
+            self._seen = manifest_stamp(self.folder)
         return int(self.removed_docs[self.block_doc].sum()) - before
 
     def retrieve(self, queries: list[str], k: int) -> list[list[tuple[int, float]]]:

@@ -17,7 +17,8 @@ and whose predictions can be attributed; the paper ships no service, this is our
 Errors are ``{"error": {"message", "type"}}``: 422 for an invalid body (the message names the field), 401/403
 for opt-out auth, 400 for a request the model cannot serve (e.g. longer than its positions), 404 for an
 opt-out matching nothing. One lock serialises model and index access; FastAPI's threadpool keeps the event
-loop answering.
+loop answering. Before answering, the service checks the datastore's manifest (one ``stat``) and applies opt-outs
+that another process (``lmlab silo optout``) wrote meanwhile; its own opt-outs merge with those on disk.
 """
 
 import hmac
@@ -44,7 +45,7 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(..., max_length=20000)
     max_tokens: int = Field(32, ge=1, le=512)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1)  # what torch.Generator.manual_seed accepts
     top: int = Field(3, ge=0, le=20)
     k: int | None = Field(None, ge=1, le=8192)
     lmbda: float | None = Field(None, ge=0.0, le=1.0)
@@ -80,8 +81,14 @@ class SiloService:
         self.knn = KnnLM(loaded, datastore, config or KnnLMConfig())
         self.datastore, self.ric = datastore, ric
         self.lock = threading.Lock()
-        folder = Path(datastore.folder)
+        folder = Path(os.path.abspath(datastore.folder))  # "." has no name to put ".audit.jsonl" after
         self.audit_log = Path(audit_log) if audit_log else folder.with_name(folder.name + ".audit.jsonl")
+
+    def sync(self) -> None:
+        """Pick up opt-outs another process wrote to the folders (call under ``self.lock``)."""
+        self.datastore.refresh()
+        if self.ric is not None:
+            self.ric.refresh()
 
     def audit(self, record: dict) -> None:
         self.audit_log.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +130,7 @@ def create_app(service: SiloService, *, admin_token: str | None = None) -> "Fast
         changes = {k: v for k, v in (("k", req.k), ("lmbda", req.lmbda)) if v is not None}
         knn = service.knn.with_config(**changes) if changes else service.knn
         with service.lock:
+            service.sync()
             g = knn.generate(req.prompt, max_tokens=req.max_tokens, temperature=req.temperature, seed=req.seed,
                              top=req.top)
         return {"prompt": g.prompt, "text": g.text, "config": asdict(knn.config),
@@ -135,6 +143,7 @@ def create_app(service: SiloService, *, admin_token: str | None = None) -> "Fast
         if len(ids) < 2:
             raise DataError("text must have at least 2 tokens to score")
         with service.lock:
+            service.sync()
             res = knn.evaluate(ids)
             tokens = [asdict(t) for t in knn.attribute(req.text, top=req.top)] if req.attribute else None
         out = {"tokens_scored": res.n_tokens, "ppl": res.ppl, "ppl_lm": res.ppl_lm, "nll": res.nll,
@@ -169,6 +178,7 @@ def create_app(service: SiloService, *, admin_token: str | None = None) -> "Fast
     @app.get("/v1/datastore")
     def stats() -> dict:
         with service.lock:
+            service.sync()
             return service.datastore.stats()
 
     return app
