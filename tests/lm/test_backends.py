@@ -1,6 +1,7 @@
 """LocalHFBackend against hand computations on the tiny random Llama; get_backend's spec parsing."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -8,7 +9,9 @@ import torch
 from lmlab.errors import BackendError
 from lmlab.lm.backends import (
     Backend,
+    Completion,
     LocalHFBackend,
+    LogLikelihood,
     OpenAIBackend,
     chat_prompt,
     get_backend,
@@ -168,3 +171,88 @@ def test_get_backend_parses_specs():
     assert get_backend("https://example.invalid/v1").model == "default"
     local = get_backend("tiny:micro", batch_size=2)
     assert isinstance(local, LocalHFBackend) and isinstance(local, Backend) and local.batch_size == 2
+
+
+@pytest.fixture
+def canned_server():
+    """A loopback HTTP server that answers every POST with the JSON body in ``state["body"]``."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    state = {"body": "{}"}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            body = state["body"].encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state["url"] = f"http://127.0.0.1:{server.server_port}/v1"
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+GEN = lambda b: b.generate(["hi"])  # noqa: E731
+CHAT = lambda b: b.chat([{"role": "user", "content": "hi"}])  # noqa: E731
+LL = lambda b: b.loglikelihood("a", "b")  # noqa: E731
+
+
+def _echo(tokens, logprobs, offsets, top):
+    return json.dumps({"choices": [{"index": 0, "logprobs": {"tokens": tokens, "token_logprobs": logprobs,
+                                                             "text_offset": offsets, "top_logprobs": top}}]})
+
+
+@pytest.mark.parametrize("call, body", [
+    (GEN, '{"choices": null}'),
+    (GEN, '{"choices": ["x"]}'),
+    (GEN, '{"choices": [{"text": 5}]}'),
+    (GEN, '{"choices": [{"text": "a"}], "usage": {"prompt_tokens": "x"}}'),
+    (CHAT, '{"choices": [{"message": {"content": "a"}}], "usage": [1]}'),
+    (LL, '{"choices": null}'),
+    (LL, _echo(["a", "b"], [None, -1.0], [0, None], [None, {"b": -1.0}])),
+    (LL, _echo(["a", "b"], [None, "x"], [0, 1], [None, {"b": -1.0}])),
+    (LL, _echo(["a", "b"], [None, -1.0], [0, 1], [None, [1]])),
+    (LL, _echo(["a", "b"], [None, -1.0], [0], [None, {"b": -1.0}])),
+])
+def test_malformed_openai_answers_raise_one_backend_error(canned_server, call, body):
+    # these used to escape as TypeError / AttributeError (or a Completion whose text is an int)
+    canned_server["body"] = body
+    with OpenAIBackend(canned_server["url"]) as b, pytest.raises(BackendError, match=r"127\.0\.0\.1.*/v1/") as e:
+        call(b)
+    assert "\n" not in str(e.value)
+
+
+def test_well_formed_canned_answers_still_parse(canned_server):
+    canned_server["body"] = _echo(["a", "b"], [None, -1.5], [0, 1], [None, {"b": -1.5, "c": -2.0}])
+    with OpenAIBackend(canned_server["url"]) as b:
+        assert LL(b) == LogLikelihood(logprob=-1.5, is_greedy=True, num_tokens=1)
+        canned_server["body"] = '{"choices": [{"text": null, "finish_reason": "length"}], "usage": []}'
+        assert GEN(b) == [[Completion("", 0, 0, "length")]]
+
+
+def test_local_backend_ignores_dropout_of_a_model_left_in_train_mode():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lmlab.lm import tokenizer as tok_mod
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=258, n_positions=64,
+                                       bos_token_id=256, eos_token_id=256)).eval()  # dropout 0.1
+    b = LocalHFBackend(model, tok_mod.byte_tokenizer())
+    ref_ll, ref_gen = b.loglikelihood("The cat", " sat on the mat"), b.generate(["Hello"], max_tokens=8)
+    model.train()
+    for _ in range(2):
+        assert b.loglikelihood("The cat", " sat on the mat") == ref_ll
+        assert b.generate(["Hello"], max_tokens=8) == ref_gen
+    assert model.training

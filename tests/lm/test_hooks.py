@@ -144,3 +144,21 @@ def test_add_vector_rejects_wrong_width(tiny, ids):
     with pytest.raises(ConfigError, match="expected"), hooks.add_vector(tiny.model, LAYER, torch.ones(3)):
         logits(tiny.model, ids)
     assert no_hooks_left(tiny.model)
+
+
+def test_a_shared_module_resolves_by_each_of_its_names():
+    # named_modules() lists a shared (tied / aliased) module once: its second name used to be "no module named"
+    class Aliased(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.Linear(4, 4)
+            self.shared = self.enc
+
+        def forward(self, x):
+            return self.shared(self.enc(x))
+
+    m = Aliased()
+    assert hooks.resolve(m, "shared") is m.enc
+    with hooks.capture(m, "shared", keep_all=True) as cap:
+        m(torch.ones(1, 4))
+    assert len(cap["shared"]) == 2  # one module, called twice

@@ -180,3 +180,25 @@ def test_smollm2_perplexity_is_sensible(smollm2):
     assert math.isfinite(real.ppl)
     assert real.ppl < 100 < len(smollm2.tokenizer)
     assert real.ppl < mixed.ppl
+
+
+def _gpt2_with_dropout():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=258, n_positions=64, bos_token_id=256,
+                     eos_token_id=256)  # resid/embd/attn dropout 0.1 (GPT-2's defaults)
+    return GPT2LMHeadModel(cfg)
+
+
+def test_scores_ignore_dropout_of_a_model_left_in_train_mode():
+    # a model left in train() (e.g. just after Trainer.fit) used to get a different perplexity on every call
+    model = _gpt2_with_dropout().eval()
+    ids = torch.randint(0, 258, (40,), generator=torch.Generator().manual_seed(1))
+    ref = score.perplexity(model, ids, window=16, stride=8)
+    ref_lp = score.token_logprobs(model, ids[None])
+    model.train()
+    for _ in range(2):
+        assert torch.equal(score.perplexity(model, ids, window=16, stride=8).token_nll, ref.token_nll)
+        assert torch.equal(score.token_logprobs(model, ids[None]), ref_lp)
+    assert model.training and all(m.training for m in model.modules())  # the caller's mode is restored

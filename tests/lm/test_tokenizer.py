@@ -31,3 +31,24 @@ def test_bad_requests_are_clear(tmp_path):
         tokenizer.train_bpe([], vocab_size=300)
     with pytest.raises(DataError, match="does not exist"):
         tokenizer.load(tmp_path / "missing")
+
+
+def test_one_string_is_refused_not_trained_on_its_characters():
+    # a bare string used to be iterated character by character: a tokenizer with no merges, silently
+    with pytest.raises(ConfigError, match="not one string"):
+        tokenizer.train_bpe("the cat sat on the mat " * 50, vocab_size=300)
+
+
+@pytest.mark.parametrize("bad, words", [(b"bytes", "text 1 is a bytes"), (5, "text 1 is a int"),
+                                        ("lone \ud800 surrogate", "text 1 is not valid Unicode")])
+def test_texts_that_are_not_valid_strings_are_data_errors(bad, words):
+    with pytest.raises(DataError, match=words):
+        tokenizer.train_bpe(["fine text", bad], vocab_size=300)
+
+
+@pytest.mark.parametrize("content", [None, "{not json"])
+def test_a_folder_without_a_loadable_tokenizer_is_a_data_error(tmp_path, content):
+    if content is not None:
+        (tmp_path / "tokenizer.json").write_text(content)
+    with pytest.raises(DataError, match="holds no loadable tokenizer"):
+        tokenizer.load(tmp_path)

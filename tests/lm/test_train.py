@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from lmlab.errors import CheckpointError, ManifestMismatchError
 from lmlab.lm import data, models, tokenizer
+from lmlab.lm import train as train_mod
 from lmlab.lm.train import TrainConfig, Trainer, latest_checkpoint
 
 CFG = TrainConfig(seq_len=32, batch_size=4, max_steps=12, warmup_steps=3, lr=3e-3, min_lr=3e-4,
@@ -86,6 +87,39 @@ def test_interrupt_saves_a_checkpoint_and_resume_continues(tmp_path, shards, mon
     assert resumed.step == 5
     assert resumed.fit().step == 12
     assert [r["step"] for r in _curve(tmp_path / "run")] == [2, 4, 6, 8, 10, 12]
+
+
+def test_resume_between_log_steps_logs_the_same_mean_loss(tmp_path, shards):
+    # log_every=2: stopping at step 5 used to make the resumed run log step 6's loss alone, not the 5-6 mean
+    _trainer(tmp_path / "full", shards).fit()
+    _trainer(tmp_path / "split", shards).fit(until_step=5)
+    _trainer(tmp_path / "split", shards).fit()
+    full, split = _curve(tmp_path / "full"), _curve(tmp_path / "split")
+    assert [(r["step"], r["loss"]) for r in full] == [(r["step"], r["loss"]) for r in split]
+
+
+def test_fit_again_after_an_interrupt_mid_accumulation_matches_an_uninterrupted_run(tmp_path, shards, monkeypatch):
+    # Ctrl-C between two micro-batches, then fit() again in the same process (a notebook): the interrupted
+    # step's gradients used to leak into the next step
+    cfg = replace(CFG, grad_accum=2, max_steps=3, save_every=0, eval_every=0)
+    full = _trainer(tmp_path / "full", shards, cfg=cfg)
+    full.fit()
+    t = _trainer(tmp_path / "split", shards, cfg=cfg)
+    real, calls = train_mod.lm_loss, []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 4:  # the second micro-batch of step 1
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train_mod, "lm_loss", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    monkeypatch.setattr(train_mod, "lm_loss", real)
+    assert t.step == 1
+    t.fit()
+    assert all(torch.equal(a, b) for a, b in zip(full.model.parameters(), t.model.parameters(), strict=True))
 
 
 def test_resume_with_different_settings_is_refused(tmp_path, shards):

@@ -243,7 +243,9 @@ class LocalHFBackend:
             dict(do_sample=False)
         config = GenerationConfig(max_new_tokens=max_tokens, eos_token_id=self.eos_token_ids,
                                   pad_token_id=self.pad_token_id, **NEUTRAL_DECODING, **sampling)
-        with torch.inference_mode():
+        from lmlab.lm.score import eval_mode
+
+        with torch.inference_mode(), eval_mode(self.model):  # no dropout, also for a model left in train()
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         return out[:, width:].tolist()
 
@@ -278,6 +280,8 @@ class LocalHFBackend:
         """
         import torch
 
+        from lmlab.lm.score import eval_mode
+
         if any(not s for s in sequences):
             raise BackendError("cannot score an empty token sequence")
         if self.max_length is not None and any(len(s) > self.max_length + 1 for s in sequences):
@@ -296,7 +300,8 @@ class LocalHFBackend:
                 continue
             ids = torch.tensor([s + [self.pad_token_id] * (width - len(s)) for s in seqs], device=device)  # B x T
             mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-            with torch.inference_mode():  # the last token predicts nothing we score: feed T-1 tokens, as lm-eval does
+            with torch.inference_mode(), eval_mode(self.model):  # the last token predicts nothing we score: feed
+                # T-1 tokens, as lm-eval does
                 logits = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits  # B x T-1 x V
             logp = logits.float().log_softmax(-1)  # position t-1 predicts token t
             targets = ids[:, 1:]
@@ -387,12 +392,13 @@ class OpenAIBackend:
         for prompt in prompts:
             data = self._post("/completions", dict(prompt=prompt, n=n, max_tokens=max_tokens,
                                                    temperature=temperature, stop=stop or None, seed=seed))
-            choices = sorted(data.get("choices", []), key=lambda c: c.get("index", 0))
+            url = f"{self.base_url}/completions"
+            choices = _choices(data, url)
             if len(choices) != n:
-                raise BackendError(f"{self.base_url}/completions returned {len(choices)} choices, expected {n}")
-            usage = data.get("usage") or {}
-            shares = _shares(usage.get("completion_tokens", 0), n)
-            results.append([Completion(c.get("text") or "", usage.get("prompt_tokens", 0), share,
+                raise BackendError(f"{url} returned {len(choices)} choices, expected {n}")
+            prompt_tokens, completion_tokens = _usage(data, url)
+            shares = _shares(completion_tokens, n)
+            results.append([Completion(_text(c.get("text"), url), prompt_tokens, share,
                                        _finish(c.get("finish_reason")))
                             for c, share in zip(choices, shares, strict=True)])
         return results
@@ -402,14 +408,14 @@ class OpenAIBackend:
         """POST ``/chat/completions`` and return the first choice's message."""
         data = self._post("/chat/completions", dict(messages=messages, max_tokens=max_tokens, temperature=temperature,
                                                     stop=stop or None, seed=seed))
+        url = f"{self.base_url}/chat/completions"
         try:
             choice = data["choices"][0]
-            text = choice["message"]["content"] or ""
+            text = choice["message"]["content"]
         except (KeyError, IndexError, TypeError) as e:
-            raise BackendError(f"{self.base_url}/chat/completions returned no message: {str(data)[:200]}") from e
-        usage = data.get("usage") or {}
-        return Completion(text, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),
-                          _finish(choice.get("finish_reason")))
+            raise BackendError(f"{url} returned no message: {str(data)[:200]}") from e
+        prompt_tokens, completion_tokens = _usage(data, url)
+        return Completion(_text(text, url), prompt_tokens, completion_tokens, _finish(choice.get("finish_reason")))
 
     def loglikelihood(self, context: str, continuation: str) -> LogLikelihood:
         """log p(continuation | context) from the echoed prompt log-probabilities (module docstring)."""
@@ -426,7 +432,7 @@ class OpenAIBackend:
             chunk = split[start:start + self.scoring_batch]
             data = self._post("/completions", dict(prompt=[c + x for c, x in chunk], max_tokens=0, echo=True,
                                                    logprobs=1, temperature=0.0))
-            choices = sorted(data.get("choices", []), key=lambda c: c.get("index", 0))
+            choices = _choices(data, f"{self.base_url}/completions")
             if len(choices) != len(chunk):
                 raise BackendError(f"{self.base_url}/completions returned {len(choices)} choices for "
                                    f"{len(chunk)} prompts")
@@ -436,18 +442,25 @@ class OpenAIBackend:
 
     def _score_echo(self, choice: dict, context_chars: int) -> LogLikelihood:
         """Sum the echoed log-probabilities of the tokens that start at or after the end of the context."""
+        url = f"{self.base_url}/completions"
         try:
             lp = choice["logprobs"]
-            rows = zip(lp["tokens"], lp["token_logprobs"], lp["text_offset"], lp["top_logprobs"], strict=True)
-        except (KeyError, TypeError) as e:
-            raise BackendError(f"{self.base_url}/completions returned no echoed logprobs (does the server "
-                               f"support echo=True with logprobs?)") from e
+            rows = list(zip(lp["tokens"], lp["token_logprobs"], lp["text_offset"], lp["top_logprobs"], strict=True))
+        except (KeyError, TypeError, ValueError) as e:  # ValueError: lists of different lengths
+            raise BackendError(f"{url} returned no echoed logprobs (does the server support echo=True with "
+                               f"logprobs?)") from e
         total, greedy, count = 0.0, True, 0
         for token, logprob, offset, top in rows:
+            if not _is_number(offset):
+                raise BackendError(f"{url} returned a text_offset that is not a number: {offset!r}")
             if offset < context_chars:
                 continue
             if logprob is None:
-                raise BackendError(f"{self.base_url}/completions returned a null logprob inside the continuation")
+                raise BackendError(f"{url} returned a null logprob inside the continuation")
+            if not _is_number(logprob):
+                raise BackendError(f"{url} returned a logprob that is not a number: {logprob!r}")
+            if top is not None and not isinstance(top, dict):
+                raise BackendError(f"{url} returned top_logprobs that are not a token -> logprob object: {top!r}"[:300])
             total += logprob
             greedy = greedy and bool(top) and max(top, key=top.get) == token
             count += 1
@@ -471,6 +484,37 @@ def _error_message(response) -> str:
         if detail:
             return str(detail)
     return " ".join(str(body).split())[:300]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _choices(data: dict, url: str) -> list[dict]:
+    """The answer's ``choices`` sorted by ``index``; BackendError unless it is a list of objects."""
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices) or \
+            not all(_is_number(c.get("index", 0)) for c in choices):
+        raise BackendError(f"{url} returned no list of choices: {str(data)[:200]}")
+    return sorted(choices, key=lambda c: c.get("index", 0))
+
+
+def _usage(data: dict, url: str) -> tuple[int, int]:
+    """(prompt_tokens, completion_tokens) of the answer's ``usage`` (0 where absent); BackendError when malformed."""
+    usage = data.get("usage") or {}
+    counts = (usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0) if isinstance(usage, dict) \
+        else None
+    if counts is None or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in counts):
+        raise BackendError(f"{url} returned a malformed usage object: {str(data.get('usage'))[:200]}")
+    return counts
+
+
+def _text(value, url: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BackendError(f"{url} returned a completion text that is not a string: {str(value)[:200]}")
+    return value
 
 
 def _finish(reason: str | None) -> FinishReason:

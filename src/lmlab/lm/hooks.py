@@ -32,8 +32,12 @@ Positions = slice | int | Sequence[int] | torch.Tensor
 
 
 def resolve(model: nn.Module, name: str) -> nn.Module:
-    """The submodule called ``name``; ConfigError listing up to 5 close names when there is none."""
-    modules = dict(model.named_modules())
+    """The submodule called ``name``; ConfigError listing up to 5 close names when there is none.
+
+    Every name a module is reachable by resolves, also the second name of a shared (tied, aliased) module,
+    which ``named_modules()`` lists only once.
+    """
+    modules = dict(model.named_modules(remove_duplicate=False))
     if name in modules:
         return modules[name]
     close = difflib.get_close_matches(name, [n for n in modules if n], n=5)

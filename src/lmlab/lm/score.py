@@ -24,6 +24,7 @@ Shape legend: B batch, T tokens, V vocab, D hidden width, b windows in a batch, 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Iterator, Sequence
@@ -104,6 +105,22 @@ def _as_1d_ids(input_ids: torch.Tensor | Sequence[int], device: torch.device) ->
     return ids.to(device)
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run the block with ``model.eval()`` (no dropout), then restore each module's own ``training`` flag.
+
+    Scores must not depend on dropout: a model fresh from :class:`~lmlab.lm.train.Trainer` (or any model a user
+    left in ``train()`` mode) would otherwise give a different perplexity on every call.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def _check_window(model: torch.nn.Module, window: int) -> None:
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if max_pos is not None and window > max_pos:
@@ -125,7 +142,7 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, *,
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
         kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         logits = model(input_ids, **kwargs).logits[:, :-1]  # (B, T-1, V)
         targets = input_ids[:, 1:]
         out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
@@ -200,7 +217,7 @@ def iter_window_logprobs(model: torch.nn.Module, input_ids: torch.Tensor | Seque
                 kwargs["logits_to_keep"] = keep if logprobs else 1
             if output_hidden_states:
                 kwargs["output_hidden_states"] = True
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(model):  # not around the yields: the caller runs between them
                 out = model(x, **kwargs)
                 lps = torch.log_softmax(out.logits[:, -keep:].float(), dim=-1) if logprobs else None  # (b, k, V)
             hidden = out.hidden_states[-1][:, -keep:] if output_hidden_states else None  # (b, k, D)

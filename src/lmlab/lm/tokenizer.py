@@ -57,9 +57,12 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int = 8192, min_frequency: in
     """Train a byte-level BPE tokenizer on ``texts``; save it to ``out_dir`` when given.
 
     vocab_size counts the 256 byte tokens and the special tokens. Training 50 MB takes ~10 s here.
+    ``texts`` is an iterable of strings (one string is refused: it would be read as one text per character).
     """
     from tokenizers import pre_tokenizers, trainers
 
+    if isinstance(texts, str | bytes):
+        raise ConfigError("train_bpe needs an iterable of texts, not one string: pass [text]")
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ConfigError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + specials)")
     tok = _byte_level_base()
@@ -73,8 +76,15 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int = 8192, min_frequency: in
     seen = {"n": 0}
 
     def counted():
-        for t in texts:
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise DataError(f"text {i} is a {type(t).__name__}, not a string: the tokenizer trains on str only")
             if t:
+                try:
+                    t.encode("utf-8")
+                except UnicodeEncodeError as e:  # a lone surrogate (e.g. from a JSON "\ud800" escape)
+                    raise DataError(f"text {i} is not valid Unicode ({e.reason} at character {e.start}); "
+                                    "clean it or drop it") from None
                 seen["n"] += 1
                 yield t
 
@@ -103,4 +113,9 @@ def load(path: str | os.PathLike):
     p = Path(path)
     if not p.is_dir():
         raise DataError(f"tokenizer folder {p} does not exist")
-    return AutoTokenizer.from_pretrained(str(p))
+    try:
+        return AutoTokenizer.from_pretrained(str(p))
+    except Exception as e:  # OSError, ValueError, JSONDecodeError...: no or a damaged tokenizer in the folder
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"{p} holds no loadable tokenizer ({reason}); expected a folder written by "
+                        "`lmlab lm tokenizer` or a Hugging Face tokenizer folder") from e

@@ -200,6 +200,10 @@ class Trainer:
         self.schedule = config.schedule_fn()
         self.optimizer = self._make_optimizer()
         self.step = 0
+        # loss sum and step count since the last metrics line: checkpointed, so a run resumed between two log
+        # steps logs the same mean loss as an uninterrupted one
+        self._interval_loss = torch.zeros((), device=self.device)
+        self._interval_n = 0
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -255,6 +259,10 @@ class Trainer:
                                   f"{unexpected[:3]})")
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
+        interval = state.get("interval")  # absent in older checkpoints and after a Ctrl-C under DDP
+        if interval is not None:
+            self._interval_loss.fill_(interval["loss_sum"])
+            self._interval_n = interval["n"]
         if self.dist.is_main:
             self._truncate_metrics(self.step)
 
@@ -265,8 +273,23 @@ class Trainer:
             keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
             write_bytes_atomic(path, ("\n".join(keep) + "\n" if keep else "").encode())
 
-    def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoints/step-NNNNNNNN`` (rank 0), then prune old ones; returns its path."""
+    def _interval_state(self, *, collective: bool) -> dict | None:
+        """The unlogged loss interval for a checkpoint; under DDP the mean over ranks (a collective: every rank
+        must call it), or None where a collective is not safe (``collective=False``, e.g. on Ctrl-C)."""
+        if self._interval_n == 0:
+            return {"loss_sum": 0.0, "n": 0}
+        if self.ddp is not None and not collective:
+            return None
+        return {"loss_sum": self._mean_across_ranks(self._interval_loss), "n": self._interval_n}
+
+    def save_checkpoint(self, *, interval: dict | None = None) -> Path | None:
+        """Write ``checkpoints/step-NNNNNNNN`` (rank 0), then prune old ones; returns its path.
+
+        ``interval``: the unlogged loss interval (:meth:`_interval_state`); by default this process's own
+        (None under DDP, where resuming then logs the first interval from the resumed step only).
+        """
+        if interval is None and self.ddp is None:
+            interval = self._interval_state(collective=False)
         if not self.dist.is_main:
             return None
         final = self.out_dir / "checkpoints" / f"step-{self.step:08d}"
@@ -274,7 +297,8 @@ class Trainer:
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
             torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step, "config": asdict(self.config),
-                        "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer)}, tmp / "trainer_state.pt")
+                        "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer), "interval": interval},
+                       tmp / "trainer_state.pt")
             write_manifest(tmp, {"kind": "checkpoint", "step": self.step, "config": asdict(self.config),
                                  "train_data": str(self.train_data.folder),
                                  "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer)}, checksum=False)
@@ -323,6 +347,8 @@ class Trainer:
         lr = self.schedule(self.step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        # a step interrupted mid-accumulation (Ctrl-C, then fit() again in the same process) leaves gradients
+        self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for i in range(c.grad_accum):
             micro = self.dist.rank * c.grad_accum + i
@@ -364,23 +390,23 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=stop, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        interval_loss = torch.zeros((), device=self.device)
-        interval_n, t0 = 0, time.perf_counter()
+        timed_n, t0 = 0, time.perf_counter()  # steps timed for tokens_per_s (this call only)
         train_loss = float("nan")
         eval_loss = None
         last_saved = self.step
         try:
             while self.step < stop:
-                interval_loss += self.train_step()
-                interval_n += 1
+                self._interval_loss += self.train_step()
+                self._interval_n += 1
+                timed_n += 1
                 if bar is not None:
                     bar.update(1)
                 last = self.step == c.max_steps  # an early stop (until_step) logs nothing extra: resume stays exact
                 if self.step % c.log_every == 0 or last:
-                    train_loss = self._mean_across_ranks(interval_loss / interval_n)
+                    train_loss = self._mean_across_ranks(self._interval_loss / self._interval_n)
                     dt = time.perf_counter() - t0
                     rec = {"step": self.step, "loss": train_loss, "lr": self.schedule(self.step - 1),
-                           "tokens": self.step * tokens_per_step, "tokens_per_s": interval_n * tokens_per_step / dt}
+                           "tokens": self.step * tokens_per_step, "tokens_per_s": timed_n * tokens_per_step / dt}
                     if c.eval_every and (self.step % c.eval_every == 0 or last):
                         eval_loss = self.evaluate()
                         if eval_loss is not None:
@@ -389,10 +415,11 @@ class Trainer:
                     history.append(rec)
                     if bar is not None:
                         bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{rec['lr']:.2e}")
-                    interval_loss.zero_()
-                    interval_n, t0 = 0, time.perf_counter()
+                    self._interval_loss.zero_()
+                    self._interval_n = 0
+                    timed_n, t0 = 0, time.perf_counter()
                 if c.save_every and self.step % c.save_every == 0:
-                    self.save_checkpoint()
+                    self.save_checkpoint(interval=self._interval_state(collective=True))
                     last_saved = self.step
         except KeyboardInterrupt:
             if self.step > last_saved:
@@ -402,7 +429,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
         if self.step > last_saved or latest_checkpoint(self.out_dir) is None:
-            self.save_checkpoint()
+            self.save_checkpoint(interval=self._interval_state(collective=True))
         if self.step >= c.max_steps:
             self.export()
         if self.ddp is not None:
