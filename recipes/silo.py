@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import shutil
 import statistics
@@ -77,6 +78,31 @@ def aggregate(per_seed: dict) -> dict:
                   for m in ("knn_lm", "ric_lm")} for dom in doms}
     mean = {dom: {m: statistics.fmean(t[dom][m] for t in tables) for m in tables[0][dom]} for dom in doms}
     return {"perplexity": mean, "drop": drop, "drop_std": drop_std, "gap_closed": gaps}
+
+
+def fraction_datastore(ds_dir: Path, sub: Path, drop_doc_ids: list[str]) -> None:
+    """``sub``: a copy of the datastore in ``ds_dir`` with ``drop_doc_ids`` opted out, made under a temporary name
+    and renamed into place when complete, so that an interrupted copy or opt-out never leaves a ``sub`` that a
+    resumed run would take for finished (it used to: the whole datastore, reported as the smaller one)."""
+    from lmlab.silo import Datastore
+
+    tmp = sub.with_name(sub.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ds_dir, tmp)
+    Datastore.load(tmp).optout(doc_ids=drop_doc_ids)
+    shutil.rmtree(sub, ignore_errors=True)
+    os.replace(tmp, sub)
+
+
+def parse_list(flag: str, text: str, kind, ok, what: str) -> list:
+    """``text`` (comma-separated) as a list of ``kind`` each passing ``ok``; ValueError with a one-line message."""
+    try:
+        out = [kind(x) for x in text.split(",")]
+    except ValueError:
+        out = None
+    if not out or not all(ok(x) for x in out) or len(set(out)) != len(out):
+        raise ValueError(f"{flag} takes comma-separated {what}{', each once' if out else ''}, got {text!r}")
+    return out
 
 
 def _pct(g: float) -> str:
@@ -180,20 +206,32 @@ def main(argv=None) -> int:
     if args.resummarize:
         import json
 
-        old = json.loads(Path(args.out).read_text())
-        agg = aggregate(old["per_seed"])
+        try:
+            old = json.loads(Path(args.out).read_text())
+            command, per_seed = old["summary"]["command"], old["per_seed"]
+            agg = aggregate(per_seed)
+        except (OSError, ValueError, LookupError, TypeError) as e:
+            print(f"error: --resummarize needs this recipe's results at --out {args.out} ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+            return 2
         old.update(agg)
-        old["summary"] = make_summary(agg, old.get("smollm2"), old["summary"]["command"], per_seed=old["per_seed"])
+        old["summary"] = make_summary(agg, old.get("smollm2"), command, per_seed=per_seed)
         write_json_atomic(args.out, old)
         print(old["summary"])
         return 0
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(args.threads)
-    try:
-        seeds = [int(x) for x in args.seeds.split(",")]
-    except ValueError:
-        print(f"error: --seeds takes comma-separated integers, got {args.seeds!r}", file=sys.stderr)
+    # every flag is checked here, not where it is first used (--sizes: after every seed's whole experiment)
+    if args.threads < 1:
+        print(f"error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
         return 2
+    try:
+        seeds = parse_list("--seeds", args.seeds, int, lambda x: True, "integers")
+        k_grid = parse_list("--k-grid", args.k_grid, int, lambda k: k >= 1, "integers >= 1")
+        sizes = sorted(parse_list("--sizes", args.sizes, float, lambda f: 0 < f <= 1, "fractions in (0, 1]"))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
     t0 = time.time()
 
     from lmlab.errors import LmlabError
@@ -212,7 +250,7 @@ def main(argv=None) -> int:
             restricted_mb=args.restricted_mb, attribution=args.attribution, vocab_size=args.vocab_size,
             preset=args.preset, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
             parallel=not args.sequential, window=args.window, eval_tokens=args.eval_tokens, factory=args.factory,
-            train_size=args.train_size, k_grid=tuple(int(k) for k in args.k_grid.split(",")),
+            train_size=args.train_size, k_grid=tuple(k_grid),
             ric_block_tokens=args.ric_block_tokens, seed=seed, device=args.device)
         log(f"seed {seed} ({len(per_seed) + 1} of {len(seeds)}) in {cfg.work}")
         exp = SiloExperiment(cfg, echo=log)
@@ -243,16 +281,14 @@ def main(argv=None) -> int:
     # perplexity vs datastore size: copies of the datastore with the documents beyond the first fraction opted out
     size_curve = []
     doc_tokens = torch.bincount(torch.from_numpy(ds.doc.astype("int64")), minlength=len(ds.docs)).cumsum(0)
-    for frac in sorted(float(x) for x in args.sizes.split(",")):
-        if frac >= 1.0:
+    for frac in sizes:
+        keep = int(torch.searchsorted(doc_tokens, frac * ds.n_entries)) + 1  # documents holding frac of tokens
+        if frac >= 1.0 or keep >= len(ds.docs):
             store = ds
         else:
             sub = work / f"datastore-{frac:g}"
             if not (sub / "manifest.json").is_file():
-                shutil.rmtree(sub, ignore_errors=True)
-                shutil.copytree(ds_dir, sub)
-                keep = int(torch.searchsorted(doc_tokens, frac * ds.n_entries)) + 1  # documents holding frac of tokens
-                Datastore.load(sub).optout(doc_ids=[d.id for d in ds.docs[keep:]])
+                fraction_datastore(ds_dir, sub, [d.id for d in ds.docs[keep:]])
             store = Datastore.load(sub, param)
         str_, _, sres = exp.tune_and_test(store)
         size_curve.append({"fraction": frac, "live_entries": len(store), "best": vars(str_.best),

@@ -109,3 +109,26 @@ def test_demo_cli_trains_in_parallel(tmp_path, corpus, capsys):
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert res["config"]["parallel"] is True and res["datastore"]["entries"] > 0
     assert main(["silo", "demo", "--work", str(tmp_path / "x"), "--corpus", str(tmp_path / "nope")]) == 2
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path, corpus):
+    from lmlab.errors import ConfigError, DataError
+    from lmlab.silo.experiment import SiloExperiment
+
+    quiet = dict(echo=lambda *_: None)
+    with pytest.raises(DataError, match="no permissive train documents"):  # stopped before building anything
+        SiloExperiment(_config(tmp_path, corpus, permissive_mb=0), **quiet).prepare()
+    SiloExperiment(_config(tmp_path, corpus), **quiet).prepare()  # so the corrected flag is taken
+    # evaluation-only settings, the device and the training mode may change: nothing built depends on them
+    SiloExperiment(_config(tmp_path, corpus, eval_tokens=200, k_grid=(8,), parallel=True), **quiet).prepare()
+    # anything that shaped an artefact would be silently reused (a 4-step LM reported as a 12-step one)
+    with pytest.raises(ConfigError, match=r"other settings \(steps 4 -> 12, vocab_size 300 -> 400\)"):
+        SiloExperiment(_config(tmp_path, corpus, steps=12, vocab_size=400), **quiet).prepare()
+    other = _corpus(tmp_path / "other", groups_per_class=11)
+    with pytest.raises(ConfigError, match="other settings"):
+        SiloExperiment(_config(tmp_path, other), **quiet).prepare()
+    # the same corpus copied elsewhere is the same corpus
+    import shutil
+
+    shutil.copytree(corpus, tmp_path / "copy")
+    SiloExperiment(_config(tmp_path, tmp_path / "copy"), **quiet).prepare()

@@ -146,3 +146,11 @@ def test_store_with_everything_opted_out(store, tiny, docs):
         knn.tune(ids, window=64, stride=32)
     r = knn.evaluate(ids, window=64, stride=32)  # no neighbour: p_kNN := p_LM (module docstring)
     assert r.ppl == pytest.approx(r.ppl_lm, rel=1e-6)
+
+
+@pytest.mark.parametrize("grid", [(0, 4), (), (-1,)])
+def test_tune_refuses_a_k_grid_without_positive_counts(store, tiny, docs, grid):
+    """k=0 used to become index -1 (scored as the largest k) and could be picked as the best k."""
+    knn = KnnLM(tiny, store, KnnLMConfig(k=8, lmbda=0.5))
+    with pytest.raises(ConfigError, match="k_grid"):
+        knn.tune(knn.encode([docs[1].text]), k_grid=grid, window=64, stride=32)

@@ -76,3 +76,59 @@ def test_bad_seeds_are_one_line():
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "silo.py"), "--seeds", "0,x", "--work",
                            "/nonexistent"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --seeds takes comma-separated integers, got '0,x'"
+
+
+def _tiny_corpus(folder):
+    spec = importlib.util.spec_from_file_location("silo_test_exp", ROOT / "tests" / "silo" / "test_experiment.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod._corpus(folder)
+
+
+def _tiny_args(tmp_path, corpus, sizes):
+    return ["--work", str(tmp_path / "w"), "--corpus", str(corpus), "--seeds", "0", "--preset", "micro",
+            "--vocab-size", "300", "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--lr", "0.01",
+            "--sequential", "--window", "32", "--eval-tokens", "300", "--k-grid", "4,16", "--ric-block-tokens", "16",
+            "--skip-smollm2", "--threads", "1", "--device", "cpu", "--sizes", sizes, "--plot", "",
+            "--out", str(tmp_path / "out.json")]
+
+
+def test_interrupted_size_curve_resumes_with_the_smaller_datastore(recipe, tmp_path, monkeypatch):
+    from lmlab.silo.datastore import Datastore
+
+    args = _tiny_args(tmp_path, _tiny_corpus(tmp_path / "c"), "0.5,0.99,1.0")
+    optout = Datastore.optout
+
+    def interrupted(self, **kw):  # Ctrl-C after the copy of the datastore, before its opt-out is written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Datastore, "optout", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.main(args)
+    monkeypatch.setattr(Datastore, "optout", optout)
+    assert recipe.main(args) == 0  # resumes every stage
+    res = json.loads((tmp_path / "out.json").read_text())
+    curve = {c["fraction"]: c["live_entries"] for c in res["size_curve"]}
+    full = res["datastore"]["entries"]
+    # the half-size point is a half-size datastore, not the whole one left by the interrupted copy
+    assert 0 < curve[0.5] < 0.75 * full and curve[1.0] == full
+    # 0.99 of the tokens takes every document here: the whole datastore, not an empty opt-out (a traceback)
+    assert curve[0.99] == full
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--threads", "0"], "error: --threads must be at least 1, got 0"),
+    (["--seeds", "0,0"], "error: --seeds takes comma-separated integers, each once, got '0,0'"),
+    (["--k-grid", "4,x"], "error: --k-grid takes comma-separated integers >= 1, got '4,x'"),
+    (["--k-grid", "0,16"], "error: --k-grid takes comma-separated integers >= 1, each once, got '0,16'"),
+    (["--sizes", "0.5,x"], "error: --sizes takes comma-separated fractions in (0, 1], got '0.5,x'"),
+    (["--sizes", "0,1"], "error: --sizes takes comma-separated fractions in (0, 1], each once, got '0,1'"),
+    (["--resummarize"], "error: --resummarize needs this recipe's results"),
+])
+def test_bad_flags_are_one_line_before_any_work(recipe, flags, message, capsys, tmp_path):
+    # a corpus that is not there: if a flag went unchecked, the run would stop at it with another message
+    assert recipe.main(["--work", str(tmp_path / "w"), "--corpus", str(tmp_path / "none"), "--plot", "",
+                        "--out", str(tmp_path / "out.json"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+    assert not (tmp_path / "w").exists()

@@ -17,7 +17,8 @@ From a licensed corpus (``lmlab.corpus``; built from this machine's Debian packa
    the kNN-LM with the documents each token came from.
 
 Every stage writes into ``work`` and is skipped when its output is there, so an interrupted run resumes
-(the corpus build and the trainers resume mid-way too).
+(the corpus build and the trainers resume mid-way too). ``work/experiment.json`` records the settings and the
+corpus the artefacts were built from, and a run with others over the same folder is refused (it would reuse them).
 """
 
 from __future__ import annotations
@@ -61,6 +62,34 @@ class ExperimentConfig:
     ric_block_tokens: int = 128  # RIC-LM block; block + its window = seq_len (the trained context)
     seed: int = 0
     device: str | None = None  # default: cuda when available
+
+
+# Fields that only change the evaluation (redone every run), where the run happens, or how the two LMs are
+# scheduled: they may change between runs over one work folder. Every other field shapes an artefact in it.
+NOT_IN_ARTEFACTS = ("work", "corpus", "parallel", "device", "eval_tokens", "k_grid")
+RUN_RECORD = "experiment.json"  # in work/: the settings its artefacts were built with
+
+
+def artefact_settings(cfg: ExperimentConfig) -> dict:
+    """The fields of ``cfg`` that shape what a run writes into ``work`` (as JSON values). A given corpus is
+    identified by its contents (:func:`corpus_fingerprint`), so the corpus build's own fields matter only when
+    the corpus is built in ``work``."""
+    import json
+
+    skip = NOT_IN_ARTEFACTS + (("from_specs", "max_mb_per_source") if cfg.corpus else ())
+    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in skip}))
+
+
+def corpus_fingerprint(corpus_dir: Path) -> str:
+    """sha256 of a corpus's shard checksums (its manifest's ``files``): the same documents, wherever it lies."""
+    import hashlib
+    import json
+
+    try:
+        m = json.loads((corpus_dir / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{corpus_dir}/manifest.json is unreadable ({e}): rebuild the corpus") from None
+    return hashlib.sha256(json.dumps(m.get("files") or m, sort_keys=True).encode()).hexdigest()
 
 
 def take(corpus, classes, max_mb: float, seed: int) -> list:
@@ -121,6 +150,40 @@ class SiloExperiment:
     def log(self, msg: str) -> None:
         self.echo(f"[{time.perf_counter() - self.t0:6.0f} s] {msg}")
 
+    def check_run(self, key: str, value) -> None:
+        """Record ``value`` under ``key`` in ``work/experiment.json``, or refuse a run whose ``value`` differs from
+        the recorded one: every stage reuses what it finds in ``work``, so a run with other settings (steps, sizes,
+        another corpus...) would silently report the old artefacts' numbers."""
+        import json
+
+        from lmlab.io import write_json_atomic
+
+        path = self.work / RUN_RECORD
+        try:
+            rec = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path} is unreadable ({e}): delete {self.work} to start over") from None
+        if key not in rec:
+            write_json_atomic(path, {**rec, key: value})
+            return
+        old = rec[key]
+        if old == value:
+            return
+        # nothing built from the recorded value yet (a first run stopped at a bad flag): take the new one
+        uses = ["tokenizer", "lm-permissive", "lm-reference", "datastore", "ric"]
+        uses += ["corpus"] if key == "config" and not self.cfg.corpus else []
+        built = any((self.work / u).exists() for u in uses) or (key == "corpus" and any(self.work.glob("split-seed*")))
+        if not built:
+            write_json_atomic(path, {**rec, key: value})
+            return
+        if isinstance(old, dict) and isinstance(value, dict):
+            diff = ", ".join(f"{k} {old.get(k)!r} -> {value.get(k)!r}" for k in sorted({*old, *value})
+                             if old.get(k) != value.get(k))
+        else:
+            diff = f"{key} {old!r} -> {value!r}"
+        raise ConfigError(f"{self.work} holds a run made with other settings ({diff}); its stages would be reused "
+                          f"as they are: give another --work, or delete {self.work} to start over")
+
     # 1-2: corpus, split, pools, tokenizer
     def prepare(self) -> None:
         from lmlab.corpus import Corpus, SplitConfig, build_corpus, split_corpus
@@ -132,6 +195,7 @@ class SiloExperiment:
             raise ConfigError(f"ric_block_tokens ({cfg.ric_block_tokens}) must leave at least 2 of the seq_len "
                               f"({cfg.seq_len}) positions to the scored window")
         self.work.mkdir(parents=True, exist_ok=True)
+        self.check_run("config", artefact_settings(cfg))
         corpus = self.corpus_dir
         if not cfg.corpus and not (corpus / "manifest.json").is_file():
             self.log(f"building a licensed corpus from {', '.join(cfg.from_specs)} into {corpus} "
@@ -145,6 +209,7 @@ class SiloExperiment:
                 quiet.setLevel(level)
         if not (corpus / "manifest.json").is_file():
             raise DataError(f"{corpus} is not an lmlab corpus (no manifest.json): build one with `lmlab corpus build`")
+        self.check_run("corpus", corpus_fingerprint(corpus))
         split = self.work / f"split-seed{cfg.seed}"
         if not (split / "test" / "manifest.json").is_file():
             self.log("splitting 80/10/10 by package, stratified by licence class")

@@ -238,6 +238,8 @@ class KnnLM:
         k values above the number of live entries are dropped (they would equal the largest k that fits). A
         datastore with no live entry (every document opted out) has nothing to tune: DataError.
         """
+        if not k_grid or any(int(k) < 1 for k in k_grid):
+            raise ConfigError(f"k_grid must hold neighbour counts >= 1, got {tuple(k_grid)}")
         ids = torch.as_tensor(ids, dtype=torch.long)
         live = len(self.datastore)
         if live == 0:
