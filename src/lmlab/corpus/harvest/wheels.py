@@ -143,7 +143,11 @@ class WheelHarvester(Harvester):
             self.skip("no_metadata", str(path))
             meta = PackageMetadata(fallback, "", UNKNOWN)
         else:
-            meta = parse_metadata(archive.read(meta_name), fallback)
+            try:
+                meta = parse_metadata(archive.read(meta_name), fallback)
+            except Unreadable as e:  # a corrupt member (bad CRC...): the licence is unknown, the files may be fine
+                self.skip(e.reason, f"{path}!{meta_name}", str(e))
+                meta = PackageMetadata(fallback, "", UNKNOWN)
         project = canonical_name(meta.name)
         for name, size in sorted(archive.members.items()):
             member = PurePosixPath(name)
