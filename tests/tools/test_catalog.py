@@ -147,3 +147,17 @@ def test_damaged_records_are_a_data_error_without_verify(tmp_path, capsys, damag
     assert main(["tools", "show", str(out), "gcloud demo gadgets delete"]) == 2
     err = capsys.readouterr().err
     assert "tools.jsonl is missing or corrupted: re-run `lmlab tools ingest`" in err and "Traceback" not in err
+
+
+def test_discovery_keeps_method_parameter_named_like_an_api_wide_one():
+    from lmlab.tools.discovery import discovery_tools
+
+    common = {"key": {"type": "string", "location": "query", "description": "API key."},
+              "alt": {"type": "string", "location": "query"}}
+    doc = {"name": "recaptcha", "parameters": common, "resources": {"keys": {"methods": {"get": {
+        "id": "recaptcha.keys.get", "httpMethod": "GET", "path": "v1/{+key}",
+        "parameters": {"key": {"type": "string", "required": True, "location": "path"},
+                       "alt": dict(common["alt"])}}}}}}  # "key": its own path parameter; "alt": a repeat
+    (tool,) = discovery_tools(doc)
+    assert [p.name for p in tool.parameters] == ["key"]
+    assert tool.parameter("key").required and tool.parameter("key").kind == "path"

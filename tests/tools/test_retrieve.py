@@ -75,3 +75,72 @@ def test_dense_query_fast_path_equals_encode():
     r = DenseRetriever(_catalog(n=5), DenseConfig(max_seq_length=64))
     qs = ["thaw frozen widgets", "a much longer request about creating several widgets in a zone"]
     np.testing.assert_allclose(r.encode_queries(qs), r.encode(qs), atol=1e-5)
+
+
+def test_bm25_unmatched_query_gets_no_tools_alone_or_in_batch():
+    cat = _catalog()
+    r = BM25Retriever(cat)
+    alone = r.search(["zzzunknown"], k=3)
+    batch = r.search(["defrost my widgets", "zzzunknown", "the of and"], k=3)
+    assert (alone.I == -1).all() and (batch.I[1:] == -1).all() and np.isneginf(batch.D[1:]).all()
+    assert batch.I[0, 0] == cat.index("gcloud planted widgets defrost")
+    # a tool sharing no term with the query (score 0) is not returned as a match either
+    small = Catalog([Tool("a b", "apples"), Tool("c d", "pears"), Tool("e f", "plums")])
+    res = BM25Retriever(small).search(["apples"], k=3)
+    assert res.I[0].tolist() == [0, -1, -1]
+
+
+def test_k_below_one_and_bad_cutoffs_are_config_errors():
+    from lmlab.errors import ConfigError, DataError
+
+    cat = _catalog(5)
+    r = BM25Retriever(cat)
+    with pytest.raises(ConfigError):
+        r.search(["widgets"], k=0)
+    with pytest.raises(ConfigError):
+        ndcg_at_k(np.array([[0, 1]]), [{0}], 0)
+    with pytest.raises(ConfigError):
+        evaluate_retrieval(r, cat, ["widgets"], ["gcloud planted widgets defrost"], ndcg_ks=(0,), recall_ks=(1,))
+    with pytest.raises(DataError, match="not in the catalogue"):
+        evaluate_retrieval(r, cat, ["widgets"], ["gcloud no such tool"])
+    s = evaluate_retrieval(r, cat, ["defrost widgets"], ["gcloud planted widgets defrost"], ndcg_ks=(1,),
+                           recall_ks=())  # a single cut-off (was TypeError: max() of one int)
+    assert s.ndcg == {1: 1.0} and s.recall == {}
+
+
+class _HashEncoder:
+    """A stand-in sentence encoder: a fixed random unit vector per text, different per ``seed``."""
+
+    def __init__(self, seed=0, dim=8):
+        self.seed, self.dim = seed, dim
+
+    def encode(self, texts, **kw):
+        import zlib
+
+        out = np.stack([np.random.default_rng([self.seed, zlib.crc32(t.encode())]).normal(size=self.dim)
+                        for t in texts]) if texts else np.zeros((0, self.dim))
+        return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32) if len(texts) else out
+
+
+def test_dense_empty_catalogue_is_data_error():
+    pytest.importorskip("faiss")
+    from lmlab.errors import DataError
+    from lmlab.tools.retrieve import DenseRetriever
+
+    with pytest.raises(DataError, match="empty catalogue"):
+        DenseRetriever(Catalog([]), encoder=_HashEncoder())
+
+
+def test_dense_index_refuses_another_encoder(tmp_path):
+    pytest.importorskip("faiss")
+    from lmlab.errors import ManifestMismatchError
+    from lmlab.tools.retrieve import DenseRetriever
+
+    cat = _catalog(5)
+    DenseRetriever(cat, encoder=_HashEncoder(0)).save(tmp_path / "idx")
+    same = DenseRetriever.load(tmp_path / "idx", cat, encoder=_HashEncoder(0))
+    assert same.xb.shape == (len(cat), 8)
+    with pytest.raises(ManifestMismatchError, match="another embedding model"):
+        DenseRetriever.load(tmp_path / "idx", cat, encoder=_HashEncoder(1))  # e.g. a fine-tuned encoder
+    with pytest.raises(ManifestMismatchError, match="another embedding model"):
+        DenseRetriever.load(tmp_path / "idx", cat, encoder=_HashEncoder(0, dim=16))  # another width

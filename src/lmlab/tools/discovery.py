@@ -48,11 +48,14 @@ def discovery_tools(doc: dict, *, source: str = "") -> list[Tool]:
     if "resources" not in doc and "methods" not in doc:
         raise DataError(f"{source or 'document'} is not a discovery document (no resources or methods)")
     base = doc.get("rootUrl", "") + doc.get("servicePath", "")
-    common = set((doc.get("parameters") or {}).keys())  # API-wide parameters (alt, fields, key, ...)
+    # API-wide parameters (alt, fields, key, ...) are left out of every method, unless the method declares a
+    # parameter of that name of its own (recaptchaenterprise ...retrieveLegacySecretKey's required path
+    # parameter "key", not the API key): only an exact repeat of the API-wide definition is dropped
+    common = doc.get("parameters") or {}
     tools = []
     for trail, m in _methods(doc):
         name = m.get("id") or ".".join((doc.get("name", "api"), *trail))
-        params = [_param(n, p) for n, p in (m.get("parameters") or {}).items() if n not in common]
+        params = [_param(n, p) for n, p in (m.get("parameters") or {}).items() if common.get(n) != p]
         order = {n: i for i, n in enumerate(m.get("parameterOrder", ()))}
         params.sort(key=lambda p: (order.get(p.name, len(order)), p.name))
         if m.get("request"):

