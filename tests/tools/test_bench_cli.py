@@ -156,3 +156,23 @@ def test_bench_without_catalog_leaves_no_folder(model_dir, tmp_path, monkeypatch
                "--limit", "1", "--max-tokens", "2", "--budget", "1500"])
     assert rc == 0 and capsys.readouterr().out.strip().splitlines()[-1].startswith("none: n=1")
     assert list(scratch.iterdir()) == []
+
+
+def test_retrieve_with_an_existing_index_uses_the_given_model(catalog, tmp_path, monkeypatch, capsys):
+    """--model used to be ignored once the index existed; now it is the encoder the index is checked against."""
+    import lmlab.tools.retrieve as retrieve
+
+    index = tmp_path / "index"
+    index.mkdir()
+    (index / "manifest.json").write_text("{}")
+    seen = {}
+
+    def fake_load(cls, folder, cat, *, encoder=None):
+        seen["encoder"] = encoder
+        raise retrieve.ManifestMismatchError("checked")
+
+    monkeypatch.setattr(retrieve, "load_minilm", lambda path=None, **kw: f"encoder:{path}")
+    monkeypatch.setattr(retrieve.DenseRetriever, "load", classmethod(fake_load))
+    rc = main(["tools", "retrieve", str(catalog), "list things", "--method", "dense", "--index", str(index),
+               "--model", "my-model"])
+    assert rc == 2 and seen["encoder"] == "encoder:my-model" and "checked" in capsys.readouterr().err

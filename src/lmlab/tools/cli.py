@@ -113,13 +113,13 @@ def show_command(catalog, name, as_json):
 def retrieve_command(catalog, request, method, k, index, model):
     """The top-k tools for a request."""
     from lmlab.tools.catalog import load_catalog
-    from lmlab.tools.retrieve import BM25Retriever, DenseConfig, DenseRetriever
+    from lmlab.tools.retrieve import BM25Retriever, DenseConfig, DenseRetriever, load_minilm
 
     cat = load_catalog(catalog, verify=False)
     if method == "bm25":
         r = BM25Retriever(cat)
-    elif index and Path(index, "manifest.json").is_file():
-        r = DenseRetriever.load(index, cat)
+    elif index and Path(index, "manifest.json").is_file():  # --model is checked against the index's own model
+        r = DenseRetriever.load(index, cat, encoder=load_minilm(model) if model else None)
     else:
         r = DenseRetriever(cat, DenseConfig(model=model), progress=True)
         if index:
