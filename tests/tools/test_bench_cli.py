@@ -72,7 +72,8 @@ def test_bench_cloud_cli_each_mode(catalog, model_dir, tmp_path, capsys, mode):
     if mode in ("docs", "both"):
         # BM25 over the catalogue finds the planted page for both requests
         assert data["retrieval_recall"] == 1.0 and "retrieval_recall@2=1.000" in printed
-        assert all(r["candidates"][0] == "gcloud demo knobs turn" and len(r["candidates"]) == 2 for r in recs)
+        # at most --n-docs candidates, and only tools sharing a word with the request (BM25 score > 0)
+        assert all(r["candidates"][0] == "gcloud demo knobs turn" and 1 <= len(r["candidates"]) <= 2 for r in recs)
     else:
         assert data["retrieval_recall"] is None and "retrieval_recall" not in printed
         assert all(r["candidates"] == [] for r in recs)
