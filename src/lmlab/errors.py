@@ -45,3 +45,10 @@ class CheckpointError(LmlabError):
 
 class BackendError(LmlabError):
     """A text-generation backend (local model or HTTP endpoint) could not serve a request."""
+
+
+def first_line(error: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name when it has none), for a one-line error that
+    wraps a library's multi-line one (transformers, safetensors, torch.load)."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line if limit is None else line[:limit]

@@ -39,7 +39,7 @@ from typing import Any
 from lmlab.corpus.document import Document, document_id, text_hash
 from lmlab.corpus.licenses import UNKNOWN, License, LicenseClass, classify
 from lmlab.errors import DataError, ManifestMismatchError, MissingDependencyError
-from lmlab.io import MANIFEST, read_manifest, sha256_file, write_json_atomic
+from lmlab.io import MANIFEST, check_sizes, read_manifest, sha256_file, write_json_atomic
 
 log = logging.getLogger("lmlab.corpus")
 
@@ -419,11 +419,7 @@ def _check_manifest(folder: Path, m: dict[str, Any]) -> None:
         rel = s.get("path") if isinstance(s, dict) else None
         if not isinstance(rel, str) or not _SHARD_NAME.match(Path(rel).name):
             raise ManifestMismatchError(f"{folder / MANIFEST} lists a malformed shard entry {s!r}: rebuild the corpus")
-        p = folder / rel
-        expected = m["files"].get(rel, {}).get("bytes")
-        if not p.is_file() or (expected is not None and p.stat().st_size != expected):
-            raise DataError(f"{p} is missing or has the wrong size: {folder} is incomplete or corrupted; "
-                            "rebuild it with `lmlab corpus build`")
+    check_sizes(folder, m, only=[s["path"] for s in m["shards"]], hint="rebuild it with `lmlab corpus build`")
 
 
 def _read_shard(folder: Path, rel: str, pq, *, columns: list[str]):

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmlab.errors import MissingDependencyError, ModelNotFoundError
+from lmlab.errors import MissingDependencyError, ModelNotFoundError, first_line
 
 # Tiny Llama configs (random weights). "7m" is the model whose speed shared/DATA.md measured: 7.4 M parameters
 # with a 16k vocabulary (3.2 M with the 258-token byte-level tokenizer).
@@ -171,7 +171,7 @@ def _from_folder(spec: str, torch_dtype):
     try:
         return AutoTokenizer.from_pretrained(spec), AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
     except (OSError, ValueError, SafetensorError, json.JSONDecodeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        reason = first_line(e, 200)
         raise ModelNotFoundError(f"{spec}: not a loadable Hugging Face model folder ({reason})") from e
 
 

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from lmlab.errors import ConfigError, DataError
+from lmlab.errors import ConfigError, DataError, first_line
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -116,6 +116,6 @@ def load(path: str | os.PathLike):
     try:
         return AutoTokenizer.from_pretrained(str(p))
     except Exception as e:  # OSError, ValueError, JSONDecodeError...: no or a damaged tokenizer in the folder
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        reason = first_line(e, 200)
         raise DataError(f"{p} holds no loadable tokenizer ({reason}); expected a folder written by "
                         "`lmlab lm tokenizer` or a Hugging Face tokenizer folder") from e

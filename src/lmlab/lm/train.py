@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmlab.errors import CheckpointError, ConfigError
+from lmlab.errors import CheckpointError, ConfigError, first_line
 from lmlab.io import atomic_dir, read_manifest, write_bytes_atomic, write_manifest
 from lmlab.lm.data import TokenShards, tokenizer_fingerprint
 from lmlab.lm.schedules import Schedule
@@ -143,7 +143,7 @@ def shutdown_distributed() -> None:
 
 def _corrupt(ckpt: Path, error: Exception) -> CheckpointError:
     """A damaged checkpoint (disk full, killed while copying): say which, and how to fall back to an older one."""
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    reason = first_line(error, 200)
     return CheckpointError(f"{ckpt} is corrupt or incomplete ({reason}); delete that folder to resume from the "
                            "previous checkpoint, if any")
 

@@ -61,6 +61,7 @@ from lmlab.errors import ConfigError, DataError, ManifestMismatchError
 from lmlab.io import (
     MANIFEST,
     atomic_dir,
+    check_sizes,
     read_manifest,
     sha256_file,
     write_bytes_atomic,
@@ -267,11 +268,14 @@ def _chunk_fingerprint(chunk: list) -> str:
     return h.hexdigest()
 
 
-def _part_fingerprint(part: Path) -> str | None:
-    """The fingerprint a finished part was written with; None if it has none or cannot be read (redo it)."""
+def _finished_entries(part: Path, fingerprint: str) -> int | None:
+    """How many entries a finished part holds if it was encoded from the documents with ``fingerprint``; None if
+    it was not, has no fingerprint, or cannot be read (redo it)."""
     try:
         with np.load(part) as z:
-            return z["fingerprint"].tobytes().decode() if "fingerprint" in z.files else None
+            if "fingerprint" not in z.files or z["fingerprint"].tobytes().decode() != fingerprint:
+                return None
+            return len(z["values"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
 
@@ -328,9 +332,8 @@ def encode_parts(docs: Iterable, loaded, parts_dir: str | os.PathLike, config: D
                 continue
             done = parts_dir / f"part-{c:07d}.npz"
             if done.is_file():
-                if _part_fingerprint(done) == fingerprint:
-                    with np.load(done) as z:
-                        n_entries += len(z["values"])
+                if (entries := _finished_entries(done, fingerprint)) is not None:
+                    n_entries += entries
                     continue
                 redone += 1  # encoded from other documents: the selection changed since the interrupted run
             token_lists = tok([d.text for d in chunk], add_special_tokens=False)["input_ids"]
@@ -648,7 +651,7 @@ class Datastore:
         import faiss
 
         folder, manifest = self.folder, self.manifest
-        check_files(folder, manifest, skip_size=(INDEX,))  # opt-out rewrites the index (a crash may leave the old)
+        check_sizes(folder, manifest, skip_size=(INDEX,))  # opt-out rewrites the index (a crash may leave the old)
         with _readable(folder, "values.npy"):
             self.values = np.load(folder / "values.npy")  # (N,) int32 next-token ids
         with _readable(folder, "doc.npy"):
@@ -880,17 +883,6 @@ def _build_identity(manifest: dict) -> str:
     skip = ("tombstones", "removed_entries", "index_bytes", "files")
     files = {k: v for k, v in manifest.get("files", {}).items() if k != INDEX}
     return json.dumps([{k: v for k, v in manifest.items() if k not in skip}, files], sort_keys=True, default=str)
-
-
-def check_files(folder: Path, manifest: dict, *, skip_size: Iterable[str] = ()) -> None:
-    """Cheap checks before loading a built folder: every file its manifest lists is there, at its recorded size."""
-    for rel, meta in manifest.get("files", {}).items():
-        p = folder / rel
-        if not p.is_file():
-            raise DataError(f"{folder} is incomplete or corrupted ({rel} is missing): rebuild it")
-        if rel not in skip_size and "bytes" in meta and p.stat().st_size != meta["bytes"]:
-            raise DataError(f"{folder} is incomplete or corrupted ({rel} has {p.stat().st_size} bytes, its manifest "
-                            f"says {meta['bytes']}): rebuild it")
 
 
 @contextlib.contextmanager

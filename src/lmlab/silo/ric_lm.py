@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import ConfigError, DataError, ManifestMismatchError
-from lmlab.io import atomic_dir, read_manifest, write_json_atomic, write_manifest
+from lmlab.io import atomic_dir, check_sizes, read_manifest, write_json_atomic, write_manifest
 
 KIND = "silo-ric-index"
 
@@ -86,10 +86,10 @@ class RicLM:
     def _load(self) -> None:
         import bm25s
 
-        from lmlab.silo.datastore import DocInfo, _readable, check_files
+        from lmlab.silo.datastore import DocInfo, _readable
 
         folder = self.folder
-        check_files(folder, self.manifest)
+        check_sizes(folder, self.manifest)
         with _readable(folder, "blocks.npz"), np.load(folder / "blocks.npz") as z:
             self.tokens, self.starts = z["tokens"], z["starts"]  # block b = tokens[starts[b]:starts[b + 1]]
             self.block_doc, self.block_offset = z["doc"], z["offset"]

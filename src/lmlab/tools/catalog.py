@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lmlab.errors import DataError
-from lmlab.io import atomic_dir, read_manifest, write_manifest
+from lmlab.io import atomic_dir, check_sizes, read_manifest, write_manifest
 
 RECORDS = "tools.jsonl"
 FORMAT_VERSION = 1
@@ -194,11 +194,9 @@ def _read_records(folder: Path, manifest: dict) -> list[Tool]:
     """The tools of ``tools.jsonl``; a missing, truncated or garbled file is a DataError even without
     ``verify`` (the CLI skips the checksum): its size is checked against the manifest's record of it."""
     damaged = DataError(f"{folder}: {RECORDS} is missing or corrupted: re-run `lmlab tools ingest`")
-    size = manifest.get("files", {}).get(RECORDS, {}).get("bytes")
     try:
-        if size is not None and (folder / RECORDS).stat().st_size != size:
-            raise damaged
+        check_sizes(folder, manifest, only=[RECORDS])
         with open(folder / RECORDS, encoding="utf-8") as f:
             return [Tool.from_json(json.loads(line)) for line in f if line.strip()]
-    except (OSError, ValueError, TypeError, AttributeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except (DataError, OSError, ValueError, TypeError, AttributeError):  # decode errors (JSON, UTF-8) are ValueErrors
         raise damaged from None

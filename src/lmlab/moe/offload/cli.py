@@ -10,11 +10,7 @@ from pathlib import Path
 
 import click
 
-from lmlab.errors import CheckpointError, DataError, ModelNotFoundError
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+from lmlab.errors import CheckpointError, DataError, ModelNotFoundError, first_line
 
 
 def _load_model(model_dir: str):
@@ -28,7 +24,7 @@ def _load_model(model_dir: str):
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
-        raise ModelNotFoundError(f"{model_dir} is not a model folder ({_first_line(e)}): save a pre-gated MoE LM "
+        raise ModelNotFoundError(f"{model_dir} is not a model folder ({first_line(e)}): save a pre-gated MoE LM "
                                  "there with model.save_pretrained(MODEL_DIR)") from None
     if config.model_type != MODEL_TYPE:
         raise ModelNotFoundError(f"{model_dir} holds a {config.model_type!r} model, not a pre-gated MoE LM "
@@ -36,7 +32,7 @@ def _load_model(model_dir: str):
     try:
         model, info = PreGatedMoEForCausalLM.from_pretrained(model_dir, config=config, output_loading_info=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-        raise CheckpointError(f"cannot load the weights in {model_dir} ({_first_line(e)}): save the model again "
+        raise CheckpointError(f"cannot load the weights in {model_dir} ({first_line(e)}): save the model again "
                               "with model.save_pretrained(MODEL_DIR)") from None
     bad = [*info.get("missing_keys", ()), *info.get("mismatched_keys", ())]
     if bad:
@@ -90,7 +86,7 @@ def generate_cmd(model_dir, prompts, max_new_tokens, policy, tier, gbps, latency
     try:
         tok = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
-        raise ModelNotFoundError(f"{model_dir} has no tokenizer that loads ({_first_line(e)}): save one there with "
+        raise ModelNotFoundError(f"{model_dir} has no tokenizer that loads ({first_line(e)}): save one there with "
                                  "tokenizer.save_pretrained(MODEL_DIR)") from None
     store_path = Path(store) if store else Path(model_dir) / "experts.safetensors"
     # the default store is a cache of MODEL_DIR's experts: rewrite it unless it was written from these weights;
