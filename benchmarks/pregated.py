@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from lmlab.io import write_json_atomic
-from lmlab.moe.offload import THREAD_NAME, OffloadConfig, OffloadEngine, make_tier, save_expert_store
+from lmlab.moe.offload import ENGINE_REVISION, THREAD_NAME, OffloadConfig, OffloadEngine, make_tier, save_expert_store
 from lmlab.moe.pregated import PreGatedMoEForCausalLM, build
 
 VARIANTS = {  # name -> (policy, use LRU slots, copier)
@@ -293,15 +293,17 @@ def main() -> None:
                           key=lambda r: -r["expert_bytes"])
             ours += "; recorded GPU runs (cuda tier): " + "; ".join(
                 f"{r['env']['gpu']}, {r['expert_bytes'] / 1e6:.1f} MB experts: {r['pregated_over_resident']:.2f}x "
-                f"resident, {r['on_demand_over_pregated']:.2f}x faster than on_demand" for r in runs)
+                f"resident, {r['on_demand_over_pregated']:.2f}x faster than on_demand" + gpu_revision_note(r)
+                for r in runs)
             command += (" (CPU tiers); GPU runs: `PYTHONPATH=src python3 benchmarks/pregated.py --preset gpu "
                         "[--expert-hidden 1024]` on a GPU machine, recorded under `gpu`")
             reproduced += "; GPU runs: " + "; ".join(
                 f"{r['expert_bytes'] / 1e6:.1f} MB experts {sum(r['targets_met'].values())}/3 targets"
                 + ("" if r["targets_met"]["latency_vs_resident<=1.25"] else
-                   f" (latency {r['pregated_over_resident']:.2f}x resident)") for r in runs)
+                   f" (latency {r['pregated_over_resident']:.2f}x resident)") + gpu_revision_note(r) for r in runs)
     results.update({
-        "benchmark": "pregated", "config": vars(args), "device": device, "calibration_block_s": calib,
+        "benchmark": "pregated", "engine_revision": ENGINE_REVISION, "config": vars(args), "device": device,
+        "calibration_block_s": calib,
         "expert_bytes": expert_bytes, "active_experts_per_block": active, "headline_tier": head,
         "pregated_over_resident": vs_res, "pregated_over_resident_of_medians": of_medians,
         "on_demand_over_pregated": vs_od, "prefetch_all_over_pregated": vs_pa,
@@ -331,6 +333,13 @@ def main() -> None:
         print(f"wrote {args.out} and {plot}")
     except ImportError:
         print(f"wrote {args.out} (matplotlib missing: no plot)")
+
+
+def gpu_revision_note(run: dict) -> str:
+    """'' for a GPU run of this engine revision; else says which revision it measured (runs recorded before
+    revisions were recorded are revision 1)."""
+    rev = run.get("engine_revision", 1)
+    return "" if rev == ENGINE_REVISION else f" (engine revision {rev}, not yet re-run on revision {ENGINE_REVISION})"
 
 
 def recorded_gpu(path: str, new_runs: list[str]) -> dict | None:

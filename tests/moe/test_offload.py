@@ -327,11 +327,28 @@ def test_copy_worker_fails_in_one_line():
 
 def test_link_tier_is_serial_and_bandwidth_limited(setup):
     model, path = setup
-    tier = LinkTier(0.05, latency_us=100)  # 50 MB/s: one 17 kB expert ~ 0.44 ms
+    tier = LinkTier(0.005, latency_us=100)  # 5 MB/s: one 17 kB expert ~ 3.6 ms, next to ~0.05 ms of compute
     with OffloadEngine(model, path, tier=tier, config=OffloadConfig(policy="on_demand")) as eng:
         r = eng.generate([1, 2, 3], 3)
         per = tier.transfer_s(eng.store.expert_bytes)
+    # a block's misses arrive one after another; only the compute of its earlier experts overlaps the later ones
     assert r.metrics.stall_s >= 0.95 * r.metrics.misses * per
+
+
+@pytest.mark.parametrize("policy", ["on_demand", "pregated"])
+def test_decode_runs_each_expert_as_soon_as_it_arrives(setup, policy):
+    """A block's first expert computes while the second is still on the link: wait, run, wait, run."""
+    model, path = setup
+    tier = LinkTier(0.05, latency_us=10)
+    events = []
+    with OffloadEngine(model, path, tier=tier, config=OffloadConfig(policy=policy)) as eng:
+        wait_for, act = eng.wait_for, eng.act
+        eng.wait_for = lambda slot: (events.append("wait"), wait_for(slot))[1]
+        eng.act = lambda h: (events.append("run"), act(h))[1]
+        eng.generate([1, 2, 3], 3)
+    k = model.config.num_experts_per_tok
+    decode = events[-2 * k * model.config.num_hidden_layers:]  # the last step: every block's k experts
+    assert decode == ["wait", "run"] * (k * model.config.num_hidden_layers)
 
 
 def test_disk_tier_evicts_before_every_read(setup, monkeypatch):

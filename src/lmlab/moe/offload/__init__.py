@@ -12,6 +12,7 @@ Public API:
 """
 
 from lmlab.moe.offload.engine import (
+    ENGINE_REVISION,
     POLICIES,
     THREAD_NAME,
     BudgetError,
@@ -25,7 +26,7 @@ from lmlab.moe.offload.store import ExpertStore, save_expert_store
 from lmlab.moe.offload.tiers import TIERS, CudaTier, DiskTier, LinkTier, PageCacheTier, make_tier
 
 __all__ = [
-    "POLICIES", "THREAD_NAME", "TIERS", "BudgetError", "CudaTier", "DiskTier", "ExpertStore", "GenerationResult",
-    "LinkTier", "OffloadConfig", "OffloadEngine", "OffloadMetrics", "PageCacheTier", "ResidentSet", "make_tier",
-    "save_expert_store",
+    "ENGINE_REVISION", "POLICIES", "THREAD_NAME", "TIERS", "BudgetError", "CudaTier", "DiskTier", "ExpertStore",
+    "GenerationResult", "LinkTier", "OffloadConfig", "OffloadEngine", "OffloadMetrics", "PageCacheTier", "ResidentSet",
+    "make_tier", "save_expert_store",
 ]

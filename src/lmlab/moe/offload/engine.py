@@ -18,6 +18,11 @@ S fixed, preallocated slots (fast memory: RAM on the CPU, GPU memory with the cu
   double-buffered: S = 2A (block i's experts + block i+1's), the paper's system design. Needs a pre-gated model.
   Block 0 has no predecessor: its experts load on demand.
 
+Within a block the experts run in increasing id order, each as soon as its own bytes are in (:meth:`claim` issues
+the block's loads and the next block's prefetch, then :meth:`wait_for` gates each expert), so on a serial link the
+first expert computes while the next still arrives; the next block's prefetch is queued right behind this block's
+misses rather than after waiting for them.
+
 On the CPU tiers the asynchronous copies (prefetch_all, pregated) run in a copy process by default
 (:class:`~lmlab.moe.offload.copier.ProcessCopier`: the resident set lives in shared memory and a child process
 ``preadv``-s experts into it, standing in for a GPU's copy engine), or on a Python thread (``copier="thread"``,
@@ -26,9 +31,9 @@ On the CPU tiers the asynchronous copies (prefetch_all, pregated) run in a copy 
 ``lru_slots`` adds that many slots that keep recently used experts (mixtral-offloading's LRU cache); a needed
 expert found there costs nothing. With ``lru_slots=0`` a slot is freed as soon as its block is done.
 
-A needed expert is a **hit** (resident and loaded), **late** (its prefetch is still in flight: we wait, and count
-the wait as stall; a prefetch the thread copier has not started yet is run by the decode thread itself) or a
-**miss** (not requested before: synchronous load, counted, also stall). Every policy runs
+A needed expert is a **hit** (resident and loaded), **late** (its prefetch is still in flight: we wait just before
+it runs, and count the wait as stall; a prefetch the thread copier has not started yet is run by the decode thread
+itself) or a **miss** (not requested before: loaded on demand, counted, its wait also stall). Every policy runs
 the same expert arithmetic in the same order (:meth:`OffloadEngine._moe`), so for the same routing the outputs
 are bitwise identical across policies and tiers on one device (tested token by token).
 
@@ -66,8 +71,12 @@ from lmlab.moe.offload.store import ExpertStore
 from lmlab.moe.offload.tiers import PageCacheTier
 
 POLICIES = ("resident", "on_demand", "prefetch_all", "pregated")
-__all__ = ["POLICIES", "THREAD_NAME", "BudgetError", "GenerationResult", "OffloadConfig", "OffloadEngine",
-           "OffloadMetrics", "ResidentSet"]
+# Bumped when a change moves the engine's latencies; benchmarks record it, so results from another revision
+# (e.g. GPU runs that could not be repeated) are labelled as such. 2: each expert runs as soon as it arrives, and
+# the next block's prefetch is issued before this block's wait (1: after waiting for all of this block's experts).
+ENGINE_REVISION = 2
+__all__ = ["ENGINE_REVISION", "POLICIES", "THREAD_NAME", "BudgetError", "GenerationResult", "OffloadConfig",
+           "OffloadEngine", "OffloadMetrics", "ResidentSet"]
 
 
 def _sleep_until(t: float) -> None:
@@ -325,6 +334,7 @@ class OffloadEngine:
         for _name, mod in self._fast_modules():
             mod.to(self.device)
         self._held: dict[int, list[int]] = collections.defaultdict(list)  # block -> slots pinned for it
+        self._unready: set[int] = set()  # CPU tiers: claimed slots whose expert may not have arrived yet
         self._block_s: list[float] = []  # per decode step: time in the blocks
         self._stop = False
         self._reset_counters()
@@ -431,23 +441,38 @@ class OffloadEngine:
     def ensure(self, layer: int, experts) -> dict[int, int]:
         """Make ``experts`` of ``layer`` usable; returns expert -> slot. Counts hits, late prefetches and misses.
 
-        Misses are loaded here, all issued before one wait for the last to arrive (the link is serial anyway).
+        Misses are loaded here, all issued before the wait for them (the link is serial anyway). Decoding uses
+        :meth:`claim` and :meth:`wait_for` instead, to start on the first expert while the next still arrives.
+        """
+        slots = self.claim(layer, experts)
+        for slot in slots.values():
+            self.wait_for(slot)
+        return slots
+
+    def claim(self, layer: int, experts, *, then_prefetch: tuple[int, object] | None = None) -> dict[int, int]:
+        """Pin ``experts`` of ``layer`` and issue loads for the missing ones, without waiting; returns expert ->
+        slot. Each slot must pass :meth:`wait_for` before its expert runs. Counts hits, late prefetches and misses.
+
+        ``then_prefetch=(next_layer, next_experts)`` issues that prefetch after this block's misses: the next block's
+        copies go on the link right behind this block's, not when this thread wakes from waiting for them (on the
+        CPU a wake-up comes tens of microseconds late, and at r = 1 the link has no slack to absorb it).
         """
         slots = {}
         held = self._held[layer]
         cpu = not self.tier.asynchronous
-        t0 = time.perf_counter()
-        waited, until = False, 0.0
         for e in experts:
             key = (layer, int(e))
             slot = self.pool.table.get(key)
-            if slot is None:  # miss: synchronous load on this thread
+            if slot is None:  # miss: load now (on the CPU tiers the bytes are copied on this thread)
                 self.misses += 1
                 self.misses_per_block[layer] += 1
                 slot = self.pool.reserve(key)
                 held.append(slot)
+                t0 = time.perf_counter()
                 self._load_now(slot, key)
-                waited, until = True, max(until, self.pool.ready_at[slot])
+                if cpu:
+                    self.stall_s += time.perf_counter() - t0
+                    self._unready.add(slot)
             else:
                 if slot not in held:
                     self.pool.pin(slot)
@@ -458,23 +483,33 @@ class OffloadEngine:
                         self.hits += 1
                     else:
                         self.late += 1
-                elif not (pending := self._pending(slot)) and self.pool.ready_at[slot] <= time.perf_counter():
+                elif not self._pending(slot) and self.pool.ready_at[slot] <= time.perf_counter():
                     self.hits += 1
                 else:
                     self.late += 1
-                    waited = True
-                    if pending:
-                        self.stolen += self._copier.wait(slot)  # the thread copier runs a queued job here
-                    until = max(until, self.pool.ready_at[slot])
-            if not cpu and self.pool.cuda_ready[slot] is not None:
-                torch.cuda.current_stream(self.device).wait_event(self.pool.cuda_ready[slot])
+                    self._unready.add(slot)
             slots[int(e)] = slot
-        if cpu and waited:
-            _sleep_until(until)
-            self.stall_s += time.perf_counter() - t0
-        self._drop_unneeded(layer, set(slots.values()))
+        self._drop_unneeded(layer, set(slots.values()))  # prefetch_all: frees the slots the next prefetch needs
+        if then_prefetch is not None:
+            self.prefetch(*then_prefetch)
         self.max_needed = max(self.max_needed, len(slots))
         return slots
+
+    def wait_for(self, slot: int) -> None:
+        """Block until a claimed slot's expert is usable (CPU: its copy is done and the tier's time has come;
+        cuda: the compute stream waits for the copy's event). Time waited on the CPU counts as stall."""
+        if self.tier.asynchronous:
+            if self.pool.cuda_ready[slot] is not None:
+                torch.cuda.current_stream(self.device).wait_event(self.pool.cuda_ready[slot])
+            return
+        if slot not in self._unready:
+            return
+        self._unready.discard(slot)
+        t0 = time.perf_counter()
+        if self._pending(slot):
+            self.stolen += self._copier.wait(slot)  # the thread copier runs a queued job here
+        _sleep_until(self.pool.ready_at[slot])
+        self.stall_s += time.perf_counter() - t0
 
     def _drop_unneeded(self, layer: int, needed: set[int]) -> None:
         """Unpin what was prefetched for ``layer`` but is not needed (prefetch_all): queued loads are cancelled,
@@ -498,6 +533,7 @@ class OffloadEngine:
     def release(self, layer: int) -> None:
         """Block ``layer`` is done with its experts: unpin them (kept in the LRU, or freed)."""
         for slot in self._held.pop(layer, []):
+            self._unready.discard(slot)  # (claimed but never run: nothing to wait for any more)
             if self.tier.asynchronous:
                 ev = torch.cuda.Event()
                 ev.record(torch.cuda.current_stream(self.device))
@@ -517,10 +553,11 @@ class OffloadEngine:
         return idx, gates
 
     def _moe(self, u: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor], slots: dict[int, int],
-             live: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+             live: torch.Tensor | None = None, out: torch.Tensor | None = None, wait: bool = False) -> torch.Tensor:
         """Gate-weighted sum of the selected experts, expert by expert in increasing id (fixed order for all
         policies). u (B, T, D) -> (B, T, D); tokens where ``live`` (B, T) is False (padding) get 0. ``out``
-        (B*T, D) continues a sum over earlier experts (prefill streams a block's experts in groups)."""
+        (B*T, D) continues a sum over earlier experts (prefill streams a block's experts in groups). ``wait``: each
+        slot passes :meth:`wait_for` just before its expert runs (slots from :meth:`claim`)."""
         b, t, d = u.shape
         x = u.reshape(-1, d)
         idx = routing[0].reshape(x.shape[0], -1)
@@ -533,12 +570,16 @@ class OffloadEngine:
             y = torch.zeros_like(x)
             for e in sorted(slots):
                 s, j = slots[e], choice[e]
+                if wait:
+                    self.wait_for(s)
                 h = self.act(torch.addmm(p.b1[s], x, p.w1[s]))
                 y = y + torch.addmm(p.b2[s], h, p.w2[s]) * gates[:, j:j + 1]
             return y.view(b, t, d)
         y = torch.zeros_like(x) if out is None else out
         for e in sorted(slots):
             s = slots[e]
+            if wait:
+                self.wait_for(s)
             rows, j = (idx == e).nonzero(as_tuple=True)
             h = self.act(torch.addmm(p.b1[s], x[rows], p.w1[s]))
             y.index_add_(0, rows, torch.addmm(p.b2[s], h, p.w2[s]) * gates[rows, j].unsqueeze(-1))
@@ -586,13 +627,14 @@ class OffloadEngine:
             u = blk.mlp_norm(x)
             routing = self._route(blk.router(u)) if blk.router is not None else next_routing
             next_routing = self._route(blk.pregate(u)) if blk.pregate is not None else None  # block i+1's experts
-            slots = self.ensure(i, self._experts_of(routing, live))
-            if i + 1 < self.num_layers:  # overlap block i+1's transfer with block i's experts + block i+1's attention
-                if policy == "pregated":
-                    self.prefetch(i + 1, self._experts_of(next_routing, live))
-                elif policy == "prefetch_all":
-                    self.prefetch(i + 1, range(self.num_experts))
-            x = x + self._moe(u, routing, slots, live)
+            # overlap block i+1's transfer with block i's experts + block i+1's attention
+            ahead = None
+            if i + 1 < self.num_layers and policy == "pregated":
+                ahead = (i + 1, self._experts_of(next_routing, live))
+            elif i + 1 < self.num_layers and policy == "prefetch_all":
+                ahead = (i + 1, range(self.num_experts))
+            slots = self.claim(i, self._experts_of(routing, live), then_prefetch=ahead)
+            x = x + self._moe(u, routing, slots, live, wait=True)  # each expert runs as soon as it has arrived
             self.release(i)
         if self.device.type == "cpu":  # (on a GPU the host's clock says nothing without a sync)
             self._block_s.append(time.perf_counter() - t0)
