@@ -67,6 +67,26 @@ def test_gradients_reach_every_expert_slot_and_scale():
     assert layer.scale.grad is not None and layer.scale.grad.abs() > 0
 
 
+def test_router_gradient_matches_autograd_of_the_normalised_formula():
+    """The router's hand-written backward (_CosineLogits) against autograd through l2_normalize(x) @ phi."""
+    from lmlab.moe.soft_moe import _CosineLogits, l2_normalize
+
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    phi = torch.randn(16, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _CosineLogits.apply(a, b, 1e-6), (x, phi))
+    layer = _layer(scale_init=2.0).double()
+    x1 = x.detach().clone().requires_grad_()
+    layer(x1).y.square().sum().backward()
+    grads = [x1.grad, layer.phi.grad, layer.scale.grad]
+    layer.zero_grad()
+    x2 = x.detach().clone().requires_grad_()
+    phi_n = l2_normalize(layer.phi, dim=0).flatten(1) * layer.scale
+    layer.router_logits = lambda inp: l2_normalize(inp) @ phi_n  # the plain formula, all autograd
+    layer(x2).y.square().sum().backward()
+    for a, b in zip(grads, [x2.grad, layer.phi.grad, layer.scale.grad], strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_causal_use_is_refused_with_reason():
     with pytest.raises(ConfigError, match="not causal"):
         _layer()(torch.randn(1, 4, 16), causal=True)

@@ -72,6 +72,35 @@ class SoftMoEConfig:
         return max(1, round(self.capacity_factor * self.num_tokens / self.num_experts))
 
 
+class _CosineLogits(torch.autograd.Function):
+    """``(x @ phi) * rsqrt(|x|^2 + eps)``: x (B, T, D) against already-normalised slot parameters phi (D, N).
+
+    The same numbers as ``l2_normalize(x) @ phi``, with a hand-written backward: autograd's version of the row
+    norm (square, sum, rsqrt and their backward passes, plus one more gradient sum into x) makes ~6 passes over
+    (B, T, D); this one makes 2 (the norm, and one fused ``dx -= x * c``), ~2% of a Soft MoE fwd+bwd at the
+    benchmark's shape. Gradient: dx = (g r) phi^T - x r^2 sum_j (g r)_j u_j, dphi = x^T (g r) with u = x phi.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, phi: Tensor, eps: float) -> Tensor:
+        u = torch.matmul(x, phi)  # (B, T, N)
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(eps).rsqrt_()  # (B, T, 1)
+        ctx.save_for_backward(x, phi, u, r)
+        return u * r
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, phi, u, r = ctx.saved_tensors
+        gu = g * r
+        gx = gphi = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.matmul(gu, phi.t())
+            gx = gx.addcmul_(x, (gu * u).sum(-1, keepdim=True) * r.square(), value=-1)
+        if ctx.needs_input_grad[1]:
+            gphi = torch.mm(x.reshape(-1, x.shape[-1]).t(), gu.reshape(-1, gu.shape[-1]))
+        return gx, gphi, None
+
+
 class SoftMoE(nn.Module):
     """Soft MoE layer: ``SoftMoE(dim, hidden=4*dim, num_experts=8, slots_per_expert=1)(x) -> MoEOutput``."""
 
@@ -94,8 +123,7 @@ class SoftMoE(nn.Module):
         phi = l2_normalize(self.phi, dim=0).flatten(1) * self.scale  # (D, E*S)
         # <x/|x|, phi> computed as <x, phi> / |x|: the same numbers, with the row scaling applied to the
         # (B, T, E*S) logits instead of the (B, T, D) inputs (fewer element-wise operations when E*S < D).
-        inv_norm = torch.rsqrt(x.square().sum(dim=-1, keepdim=True) + 1e-6)
-        logits = torch.matmul(x, phi) * inv_norm
+        logits = _CosineLogits.apply(x, phi, 1e-6)
         if self.training and self.config.noise_std > 0:
             logits = logits + self.config.noise_std * torch.randn_like(logits)
         return logits
