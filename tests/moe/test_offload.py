@@ -335,6 +335,32 @@ def test_link_tier_is_serial_and_bandwidth_limited(setup):
     assert r.metrics.stall_s >= 0.95 * r.metrics.misses * per
 
 
+@pytest.mark.parametrize("copier", ["process", "thread"])
+@pytest.mark.parametrize("policy", ["on_demand", "prefetch_all", "pregated"])
+def test_generate_after_an_interrupted_generate(setup, policy, copier):
+    """Ctrl-C in the middle of a step leaves slots pinned and prefetches in flight; the next generate on the same
+    engine still fits its budget and gives the tokens a fresh engine gives."""
+    model, path = setup
+    ref = _gen(model, path, "resident", prompt=[[5, 6, 7]], n=4).tokens
+    with OffloadEngine(model, path, tier=make_tier("link", gbps=50.0, latency_us=1.0),
+                       config=OffloadConfig(policy=policy, copier=copier)) as eng:
+        moe, calls = eng._moe, []
+
+        def interrupted(*a, **k):
+            calls.extend([1] if k.get("wait") else [])  # decode steps only (the prefill waits in ensure)
+            if len(calls) == 2:  # block 1 of the first decode step: its and block 2's slots are pinned
+                raise KeyboardInterrupt
+            return moe(*a, **k)
+
+        eng._moe = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            eng.generate([5, 6, 7], 4)
+        assert eng._held  # the interrupted step left pins behind
+        eng._moe = moe
+        assert torch.equal(eng.generate([5, 6, 7], 4).tokens, ref)
+        assert eng.pool.occupied <= eng.pool.num_slots
+
+
 @pytest.mark.parametrize("policy", ["on_demand", "pregated"])
 def test_decode_runs_each_expert_as_soon_as_it_arrives(setup, policy):
     """A block's first expert computes while the second is still on the link: wait, run, wait, run."""

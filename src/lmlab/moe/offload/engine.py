@@ -431,6 +431,21 @@ class OffloadEngine:
             self._forget_prefetch(slot)
         return len(dropped)
 
+    def _settle(self) -> None:
+        """Undo what a generate interrupted mid-step left behind (Ctrl-C, a failed copy): drop queued prefetches,
+        wait for copies in flight, then unpin every held slot, so the next generate starts from a consistent
+        resident set (otherwise its slots stay pinned and the budget runs out)."""
+        if not self._held and not self._unready:
+            return
+        self.cancel()
+        for layer in list(self._held):
+            for slot in self._held[layer]:
+                if self._pending(slot):
+                    self._copier.wait(slot)
+            self.release(layer)
+        self._held.clear()
+        self._unready.clear()
+
     def _forget_prefetch(self, slot: int) -> None:
         """A prefetch cancelled before it started: take back what :meth:`prefetch` counted and free its slot."""
         self.loads -= 1
@@ -648,6 +663,7 @@ class OffloadEngine:
 
         if self._stop:
             raise ConfigError("this engine is closed")
+        self._settle()
         ids, pad = _left_pad(input_ids)
         b, p = ids.shape
         if b > self.config.max_batch:
