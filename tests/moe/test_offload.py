@@ -361,6 +361,22 @@ def test_generate_after_an_interrupted_generate(setup, policy, copier):
         assert eng.pool.occupied <= eng.pool.num_slots
 
 
+@pytest.mark.parametrize("copier", ["process", "thread"])
+def test_interrupt_between_reserve_and_copy_leaves_no_stale_expert(setup, copier):
+    """Interrupted after a prefetch reserved its slots but before the copier got the jobs: with an LRU cache the
+    reserved keys must not survive as cached experts whose bytes were never loaded."""
+    model, path = setup
+    ref = _gen(model, path, "resident", prompt=[[5]], n=12).tokens
+    with OffloadEngine(model, path, tier=make_tier("link", gbps=50.0, latency_us=1.0),
+                       config=OffloadConfig(policy="pregated", lru_slots=64, copier=copier)) as eng:
+        submit = eng._copier.submit  # the first prefetch the decode has to copy is interrupted
+        eng._copier.submit = lambda jobs: (_ for _ in ()).throw(KeyboardInterrupt)
+        with pytest.raises(KeyboardInterrupt):
+            eng.generate([5], 12)
+        eng._copier.submit = submit
+        assert torch.equal(eng.generate([5], 12).tokens, ref)
+
+
 @pytest.mark.parametrize("policy", ["on_demand", "pregated"])
 def test_decode_runs_each_expert_as_soon_as_it_arrives(setup, policy):
     """A block's first expert computes while the second is still on the link: wait, run, wait, run."""

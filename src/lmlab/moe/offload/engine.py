@@ -432,17 +432,20 @@ class OffloadEngine:
         return len(dropped)
 
     def _settle(self) -> None:
-        """Undo what a generate interrupted mid-step left behind (Ctrl-C, a failed copy): drop queued prefetches,
-        wait for copies in flight, then unpin every held slot, so the next generate starts from a consistent
-        resident set (otherwise its slots stay pinned and the budget runs out)."""
+        """Undo what a generate interrupted mid-step (Ctrl-C, a failed copy) left behind, so the next generate starts
+        from a consistent resident set: queued prefetches are dropped, copies in flight waited for, and every slot
+        still pinned is forgotten, not cached (the interrupt may have come between reserving a slot and loading it;
+        between generates no slot is pinned). Without it, the next generate ran out of slots or used a slot whose
+        expert was never loaded."""
         if not self._held and not self._unready:
             return
         self.cancel()
-        for layer in list(self._held):
-            for slot in self._held[layer]:
-                if self._pending(slot):
-                    self._copier.wait(slot)
-            self.release(layer)
+        if self.config.policy != "resident":  # (resident slots are loaded at construction and stay pinned)
+            for slot in range(self.pool.num_slots):
+                if self.pool.pins[slot] > 0:
+                    if self._pending(slot):
+                        self._copier.wait(slot)
+                    self.pool.drop(slot)
         self._held.clear()
         self._unready.clear()
 
