@@ -89,6 +89,36 @@ def test_interrupt_saves_a_checkpoint_and_resume_continues(tmp_path, shards, mon
     assert [r["step"] for r in _curve(tmp_path / "run")] == [2, 4, 6, 8, 10, 12]
 
 
+def test_ctrl_c_during_the_optimizer_step_is_held_until_the_step_is_counted(tmp_path, shards):
+    """A real SIGINT right after optimizer.step() updated the parameters: the interrupt lands only once the step is
+    counted, so the checkpoint saved on the way out is that step's, and resuming matches an uninterrupted run
+    (it was saved as the step before, and resuming applied the update twice)."""
+    import signal
+
+    cfg = replace(CFG, max_steps=4, save_every=0, eval_every=0)
+    full = _trainer(tmp_path / "full", shards, cfg=cfg)
+    full.fit()
+    t = _trainer(tmp_path / "split", shards, cfg=cfg)
+    real_step, calls = t.optimizer.step, []
+
+    def step_with_ctrl_c(*a, **k):
+        out = real_step(*a, **k)
+        calls.append(1)
+        if len(calls) == 2:  # the second step's parameters are updated, its count not yet
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    t.optimizer.step = step_with_ctrl_c
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    assert t.step == 2 and latest_checkpoint(tmp_path / "split").name == "step-00000002"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    resumed = _trainer(tmp_path / "split", shards, cfg=cfg)
+    assert resumed.step == 2
+    resumed.fit()
+    assert all(torch.equal(a, b) for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True))
+
+
 def test_resume_between_log_steps_logs_the_same_mean_loss(tmp_path, shards):
     # log_every=2: stopping at step 5 used to make the resumed run log step 6's loss alone, not the 5-6 mean
     _trainer(tmp_path / "full", shards).fit()

@@ -30,6 +30,8 @@ import math
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -361,9 +363,10 @@ class Trainer:
             loss_sum += loss.detach()
         if c.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        with _ctrl_c_held():  # the update and its step count land together, so a Ctrl-C checkpoint is consistent
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
         return loss_sum / c.grad_accum
 
     def _mean_across_ranks(self, x: torch.Tensor) -> float:
@@ -438,6 +441,28 @@ class Trainer:
             dist.barrier()
         return TrainResult(step=self.step, tokens=self.step * tokens_per_step, train_loss=train_loss,
                            eval_loss=eval_loss, out_dir=self.out_dir, history=history)
+
+
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block has finished, then deliver it to the
+    handler that was installed before. An optimizer step interrupted half-way left some parameters updated, and
+    one interrupted before ``step += 1`` was saved as the previous step and applied twice on resume. (Signal
+    handlers can only be set from the main thread; elsewhere the block runs unprotected.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            if callable(previous):
+                previous(signal.SIGINT, held[0])
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
 
 
 def load_checkpoint_state(ckpt: str | os.PathLike) -> dict:
