@@ -140,6 +140,23 @@ def test_add_vector_adds_exactly_at_positions(tiny, ids):
     assert torch.all(diff[:, :2] == 0) and torch.all(diff[:, 4:] == 0)
 
 
+def test_add_vector_skips_positions_a_call_does_not_have(tiny, ids):
+    """A decoding step sees T=1: steering prompt position 5 leaves it alone instead of raising IndexError."""
+    vector = torch.ones(tiny.model.config.hidden_size)
+    short = ids[:, :3]
+    base = logits(tiny.model, short)
+    with hooks.add_vector(tiny.model, LAYER, vector, positions=5):
+        torch.testing.assert_close(logits(tiny.model, short), base, atol=0, rtol=0)
+    with hooks.capture(tiny.model, LAYER) as before:
+        logits(tiny.model, short)
+    with hooks.add_vector(tiny.model, LAYER, vector, positions=[1, 5, -9]), \
+            hooks.capture(tiny.model, LAYER) as after:
+        logits(tiny.model, short)
+    diff = after[LAYER] - before[LAYER]
+    torch.testing.assert_close(diff[:, 1], torch.ones_like(diff[:, 1]))
+    assert torch.all(diff[:, [0, 2]] == 0)
+
+
 def test_add_vector_rejects_wrong_width(tiny, ids):
     with pytest.raises(ConfigError, match="expected"), hooks.add_vector(tiny.model, LAYER, torch.ones(3)):
         logits(tiny.model, ids)

@@ -194,13 +194,24 @@ def modify(model: nn.Module, edits: Mapping[str, Callable[[torch.Tensor], torch.
         yield
 
 
+def _positions_within(positions: Positions, t: int) -> slice | list[int]:
+    """``positions`` restricted to the ones a length-``t`` axis has (slices clip by themselves)."""
+    if isinstance(positions, slice):
+        return positions
+    if isinstance(positions, int):
+        positions = [positions]
+    return [p for p in (int(p) for p in torch.as_tensor(positions).flatten().tolist()) if -t <= p < t]
+
+
 @contextlib.contextmanager
 def add_vector(model: nn.Module, name: str, vector: torch.Tensor, *, positions: Positions = slice(None),
                coeff: float = 1.0) -> Iterator[None]:
     """Add ``coeff * vector`` (D,) to the named module's output (B, T, D) at token ``positions``, every row.
 
     ``positions`` index the T axis of each forward call (a slice, an int, or a list/tensor of ints); under
-    cached generation a decoding step's forward sees only the new token, at position 0.
+    cached generation a decoding step's forward sees only the new token, at position 0. Positions a call does not
+    have (an int or list entry >= its T, or < -T) are skipped in that call, as a slice would skip them: steering
+    the prompt's positions leaves the shorter decoding steps alone.
     """
     if vector.dim() != 1:
         raise ConfigError(f"add_vector needs a 1-D (D,) vector; got shape {tuple(vector.shape)}")
@@ -210,8 +221,9 @@ def add_vector(model: nn.Module, name: str, vector: torch.Tensor, *, positions: 
         if hidden.dim() != 3 or hidden.shape[-1] != delta.shape[0]:
             raise ConfigError(f"add_vector: {name!r} gives shape {tuple(hidden.shape)}, expected (B, T, "
                               f"{delta.shape[0]}): pick a module whose output is the hidden states")
+        at = _positions_within(positions, hidden.shape[1])
         hidden = hidden.clone()
-        hidden[:, positions] += delta.to(device=hidden.device, dtype=hidden.dtype)
+        hidden[:, at] += delta.to(device=hidden.device, dtype=hidden.dtype)
         return hidden
 
     with modify(model, {name: steer}):
