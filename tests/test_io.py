@@ -60,3 +60,37 @@ def test_invocation_records_the_real_niceness_and_arguments(monkeypatch):
     assert invocation(["--k", "4"]) == "python recipes/x.py --k 4"
     monkeypatch.setattr(os, "nice", lambda inc: 10)
     assert invocation([]) == "nice -n 10 python recipes/x.py"
+
+
+def test_atomic_dir_interrupted_between_its_renames_keeps_the_old_folder(tmp_path, monkeypatch):
+    import os
+
+    import lmlab.io as io_mod
+
+    final = tmp_path / "art"
+    with atomic_dir(final) as tmp:
+        (tmp / "v").write_text("1")
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # final is aside as .art.old; the new folder is not in yet
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(io_mod.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt), atomic_dir(final) as tmp:
+        (tmp / "v").write_text("2")
+    monkeypatch.setattr(io_mod.os, "replace", real)
+    assert (final / "v").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_atomic_dir_repairs_a_replace_killed_between_its_renames(tmp_path):
+    final = tmp_path / "art"
+    old = tmp_path / ".art.old"  # what a process killed between the two renames leaves: no final, the old aside
+    old.mkdir()
+    (old / "v").write_text("1")
+    with pytest.raises(RuntimeError), atomic_dir(final):
+        raise RuntimeError("this build fails")
+    assert (final / "v").read_text() == "1" and not old.exists()

@@ -52,15 +52,19 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
 def atomic_dir(final: str | os.PathLike):
     """Yield a temporary folder beside ``final``; on success replace ``final`` with it.
 
-    On an exception the temporary folder is removed and ``final`` is untouched.
+    On an exception the temporary folder is removed and ``final`` is untouched. Replacing takes two renames
+    (``final`` aside to ``.NAME.old``, then the new folder in); an exception or Ctrl-C between them puts the old
+    folder back, and a process killed between them is repaired by the next ``atomic_dir`` on ``final``.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    old = final.with_name(f".{final.name}.old")
+    if old.is_dir() and not final.exists():  # a replace killed between its two renames: the old one is back
+        os.replace(old, final)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
         if final.exists():
-            old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             os.replace(tmp, final)
@@ -69,6 +73,8 @@ def atomic_dir(final: str | os.PathLike):
             os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.is_dir() and not final.exists():  # interrupted between the two renames
+            os.replace(old, final)
         raise
 
 
