@@ -1,6 +1,7 @@
 """`lmlab corpus ...` end to end on small inputs: build, resume, stats, show, split, policy, one-line errors."""
 
 import json
+import shutil
 
 import pytest
 
@@ -116,3 +117,20 @@ def test_a_missing_from_path_is_warned_counted_and_the_build_goes_on(tmp_path, c
 def test_policy_prints_the_readme_section(capsys):
     code, stdout, _ = run(capsys, "corpus", "policy")
     assert code == 0 and stdout.startswith("### Licence policy") and "| `permissive_sw` |" in stdout
+
+
+def test_a_source_whose_input_was_missing_is_harvested_when_the_build_is_rerun(tmp_path, capsys):
+    """A missing path (or a failed download) used to mark its source complete: re-running the build after
+    fixing it skipped the source for good, and the corpus silently lacked it."""
+    folder, _ = user_data(tmp_path)
+    late, out = tmp_path / "late", tmp_path / "c"
+    argv = ["corpus", "build", "--from", f"dir:{late}", "--from", f"dir:{folder}", "--out", str(out)]
+    code, _, err = run(capsys, *argv)
+    assert code == 0 and f"missing: {late}" in err
+    assert read_manifest(out)["sources"][f"dir:{late}"]["status"] == "partial"
+    shutil.copytree(folder, late)
+    (late / "c.txt").write_text("A third note, written after the first build.")
+    code, stdout, _ = run(capsys, *argv)
+    assert code == 0 and f"dir:{late}: 1 added, 2 duplicates" in stdout and f"dir:{folder}: already complete" in stdout
+    m = read_manifest(out, verify=True)
+    assert m["documents"] == 3 and {s["status"] for s in m["sources"].values()} == {"complete"}

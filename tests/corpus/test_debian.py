@@ -219,3 +219,26 @@ def test_real_packages_on_this_machine():
     assert {d.meta["kind"] for d in docs.values()} >= {"man", "doc"}
     assert {d.group for d in docs.values()} == {"debian-src:coreutils", "debian-src:bash"}
     assert all(d.text.strip() and "\\fB" not in d.text for d in docs.values())  # fonts rendered, not escapes
+
+
+def test_a_package_named_twice_or_a_failed_extraction_is_no_crash(tmp_path, monkeypatch):
+    """deb:foo,foo used to stop the build with FileExistsError (a second download folder for foo), and so did a
+    .deb that dpkg-deb could not read followed by another .deb of the same file name (its extraction root)."""
+    import lmlab.corpus.harvest.deb as deb
+
+    def fake_run(cmd, **kw):
+        if cmd[1] == "-x":  # dpkg-deb -x DEB ROOT: extracts a little, then fails
+            (Path(cmd[3]) / "partial").write_text("half")
+            raise subprocess.CalledProcessError(2, cmd, stderr="dpkg-deb: error: unexpected end of file")
+        if cmd[1] == "download":
+            raise subprocess.CalledProcessError(100, cmd, stderr="E: Unable to locate package foo")
+        return subprocess.CompletedProcess(cmd, 0, stdout="Package: x\n", stderr="")
+
+    monkeypatch.setattr(deb, "_tool", lambda name, package: name)
+    monkeypatch.setattr(deb.subprocess, "run", fake_run)
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "x_1_all.deb").write_bytes(b"!<arch>\n")
+    h = DebHarvester(["foo", "foo", str(tmp_path / "a" / "x_1_all.deb"), str(tmp_path / "b" / "x_1_all.deb")])
+    assert list(h.documents()) == []
+    assert h.skipped == {"download_failed": 1, "unreadable": 2}

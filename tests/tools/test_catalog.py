@@ -161,3 +161,26 @@ def test_discovery_keeps_method_parameter_named_like_an_api_wide_one():
     (tool,) = discovery_tools(doc)
     assert [p.name for p in tool.parameters] == ["key"]
     assert tool.parameter("key").required and tool.parameter("key").kind == "path"
+
+
+def test_save_refuses_to_replace_a_folder_that_is_not_a_catalogue(tmp_path, capsys):
+    """--out used to be replaced wholesale, whatever it held (a typo'd --out deleted the user's folder)."""
+    from lmlab.cli import main
+
+    tools = ingest_manpages(FIX)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not a tool catalogue"):
+        save_catalog(tools, mine, info={})
+    assert (mine / "notes.txt").read_text() == "keep me"
+    rc = main(["tools", "ingest", "manpages", str(FIX), "--out", str(mine)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and (mine / "notes.txt").exists()
+    assert [ln for ln in err.splitlines() if ln.startswith("lmlab: error:")] == [
+        f"lmlab: error: {mine} exists and is not a tool catalogue (it would be replaced): choose another folder"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    save_catalog(tools, empty, info={})  # an empty folder, or an earlier catalogue, is replaced
+    save_catalog(tools[:1], empty, info={})
+    assert len(load_catalog(empty)) == 1

@@ -144,3 +144,94 @@ def test_dense_index_refuses_another_encoder(tmp_path):
         DenseRetriever.load(tmp_path / "idx", cat, encoder=_HashEncoder(1))  # e.g. a fine-tuned encoder
     with pytest.raises(ManifestMismatchError, match="another embedding model"):
         DenseRetriever.load(tmp_path / "idx", cat, encoder=_HashEncoder(0, dim=16))  # another width
+
+
+def test_dense_save_refuses_embeddings_of_an_encoder_changed_since(tmp_path):
+    """An encoder fine-tuned in place after the index was built: save used to pair the old embeddings with the
+    new encoder's probe, so loading with the tuned encoder passed the check and searched stale embeddings."""
+    pytest.importorskip("faiss")
+    from lmlab.errors import ManifestMismatchError
+    from lmlab.tools.retrieve import DenseRetriever
+
+    cat = _catalog(5)
+    r = DenseRetriever(cat, encoder=_HashEncoder(0))
+    r.encoder.seed = 1  # what finetune_mnr(r.encoder, ...) does: the same object, other weights
+    with pytest.raises(ManifestMismatchError, match="changed since"):
+        r.save(tmp_path / "idx")
+    assert not (tmp_path / "idx").exists()
+    DenseRetriever(cat, encoder=r.encoder).save(tmp_path / "idx")  # re-encoded: consistent, saved and loadable
+    assert DenseRetriever.load(tmp_path / "idx", cat, encoder=_HashEncoder(1)).xb.shape == (len(cat), 8)
+
+
+def test_dense_save_refuses_to_replace_a_folder_that_is_not_an_index(tmp_path):
+    pytest.importorskip("faiss")
+    from lmlab.errors import DataError
+    from lmlab.tools.retrieve import DenseRetriever
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    r = DenseRetriever(_catalog(5), encoder=_HashEncoder(0))
+    with pytest.raises(DataError, match="not a dense tool index"):
+        r.save(mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    r.save(tmp_path / "idx")
+    r.save(tmp_path / "idx")  # an earlier index is replaced
+
+
+def _tiny_sentence_encoder(folder):
+    """A one-layer BERT with dropout (no download) as a SentenceTransformer: mean pooling, width 16."""
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers import SentenceTransformer
+    try:
+        from sentence_transformers.sentence_transformer import modules as models
+    except ImportError:  # older sentence-transformers
+        from sentence_transformers import models
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(" ".join(WORDS + ["widgets", "thaw"]).split()))]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    config = BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, hidden_dropout_prob=0.5)
+    BertModel(config).save_pretrained(folder)
+    return SentenceTransformer(modules=[models.Transformer(str(folder)), models.Pooling(16)], device="cpu")
+
+
+def test_an_interrupted_finetune_leaves_the_encoder_in_eval_mode(tmp_path, monkeypatch):
+    """A Ctrl-C mid-step used to leave the encoder in train mode: dropout on, so every later query embedding
+    (DenseRetriever.encode_queries runs the modules directly) was random."""
+    import lmlab.tools.retrieve as retrieve
+
+    encoder = _tiny_sentence_encoder(tmp_path)
+    pairs = [(f"{a} widgets", f"{b} thaw") for a, b in zip(WORDS[:8], WORDS[8:16], strict=True)]
+    calls = []
+
+    def features(enc, texts):
+        calls.append(texts)
+        if len(calls) == 3:  # the first column of the second step
+            raise KeyboardInterrupt
+        return encoder.preprocess(texts)
+
+    monkeypatch.setattr(retrieve, "_features", features)
+    with pytest.raises(KeyboardInterrupt):
+        retrieve.finetune_mnr(encoder, pairs, retrieve.MNRConfig(batch_size=4))
+    assert not encoder.training
+
+
+def test_a_dense_index_is_refused_for_an_in_memory_catalogue_with_other_documents(tmp_path):
+    """An in-memory catalogue was fingerprinted by its tool names only: an index saved for it loaded silently for
+    another catalogue with the same names and other descriptions (stale embeddings)."""
+    pytest.importorskip("faiss")
+    from lmlab.errors import ManifestMismatchError
+    from lmlab.tools.catalog import load_catalog, save_catalog
+    from lmlab.tools.retrieve import DenseRetriever
+
+    old = _catalog(5)
+    DenseRetriever(old, encoder=_HashEncoder(0)).save(tmp_path / "idx")
+    new = Catalog([Tool(t.name, t.description + " Now also polishes gadgets.", summary=t.summary) for t in old])
+    with pytest.raises(ManifestMismatchError, match="another catalogue"):
+        DenseRetriever.load(tmp_path / "idx", new, encoder=_HashEncoder(0))
+    save_catalog(old, tmp_path / "cat", info={})  # the same catalogue saved and loaded: same fingerprint
+    saved = load_catalog(tmp_path / "cat")
+    assert DenseRetriever.load(tmp_path / "idx", saved, encoder=_HashEncoder(0)).xb.shape == (len(old), 8)

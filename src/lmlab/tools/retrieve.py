@@ -156,6 +156,7 @@ class DenseRetriever:
         self.xb = np.ascontiguousarray(xb, dtype=np.float32)  # N x d
         self.index = faiss.IndexFlatIP(self.xb.shape[1])
         self.index.add(self.xb)
+        self.probe = self._probe()  # the encoder that xb belongs to (save and load compare it)
 
     def encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
         return self.encoder.encode(texts, batch_size=self.config.batch_size, convert_to_numpy=True,
@@ -195,14 +196,21 @@ class DenseRetriever:
         ``config.model`` names the encoder only when it was loaded from there; an encoder passed in (e.g.
         fine-tuned with :func:`finetune_mnr`) is not named by it, so the manifest also keeps the encoder's
         embedding of a fixed probe text (``probe``), which :meth:`load` compares with its own encoder's.
+        The encoder must still be the one that computed the embeddings (one fine-tuned in place since is
+        refused: build a new retriever with it), and ``folder`` must be missing, empty or an earlier index.
         """
         from lmlab.io import atomic_dir, write_manifest
+        from lmlab.tools.catalog import check_replaceable
 
+        if not _same_probe(self._probe(), self.probe):
+            raise ManifestMismatchError("the encoder changed since these embeddings were computed (fine-tuned in "
+                                        "place?): build a new DenseRetriever with it, then save that")
+        check_replaceable(folder, "tool-dense-index", "dense tool index")
         with atomic_dir(folder) as tmp:
             np.save(tmp / "xb.npy", self.xb)
             write_manifest(tmp, {"kind": "tool-dense-index", "catalog": _fingerprint(self.catalog),
                                  "n_tools": len(self.catalog), "config": self.config.__dict__,
-                                 "dim": int(self.xb.shape[1]), "probe": self._probe().tolist()})
+                                 "dim": int(self.xb.shape[1]), "probe": self.probe.tolist()})
 
     def _probe(self) -> np.ndarray:
         return self.encode([PROBE])[0]
@@ -218,12 +226,15 @@ class DenseRetriever:
             raise ManifestMismatchError(f"{folder} was built for another catalogue: rebuild it (delete the folder)")
         r = cls(catalog, DenseConfig(**m["config"]), encoder=encoder, xb=np.load(Path(folder) / "xb.npy"))
         probe = m.get("probe")  # absent in indexes written before it was recorded
-        if probe is not None:
-            mine = r._probe()
-            if mine.shape != (len(probe),) or float(mine @ np.asarray(probe, np.float32)) < PROBE_MIN_COSINE:
-                raise ManifestMismatchError(f"{folder} was built with another embedding model than the one "
-                                            f"loaded: rebuild it (delete the folder) or load its own model")
+        if probe is not None and not _same_probe(r.probe, np.asarray(probe, np.float32)):
+            raise ManifestMismatchError(f"{folder} was built with another embedding model than the one "
+                                        f"loaded: rebuild it (delete the folder) or load its own model")
         return r
+
+
+def _same_probe(a: np.ndarray, b: np.ndarray) -> bool:
+    """Embeddings of :data:`PROBE` by the same encoder: same width, cosine at least PROBE_MIN_COSINE."""
+    return a.shape == b.shape and float(a @ b) >= PROBE_MIN_COSINE
 
 
 def _features(encoder, texts: list[str]) -> dict:
@@ -233,13 +244,17 @@ def _features(encoder, texts: list[str]) -> dict:
 
 
 def _fingerprint(catalog: Catalog) -> str:
+    """The sha256 of the catalogue's ``tools.jsonl``: read from its manifest, or computed from the records (an
+    in-memory catalogue; the same value as once saved), so that any change to a tool's text changes it."""
     files = catalog.manifest.get("files", {})
     sha = files.get("tools.jsonl", {}).get("sha256")
     if sha:
         return sha
     import hashlib
 
-    return hashlib.sha256("\n".join(t.name for t in catalog).encode()).hexdigest()
+    from lmlab.tools.catalog import record_line
+
+    return hashlib.sha256("".join(record_line(t) for t in catalog).encode()).hexdigest()
 
 
 def get_retriever(method: str, catalog: Catalog, **kwargs):
@@ -368,29 +383,31 @@ def finetune_mnr(encoder, pairs: list[tuple[str, str]], config: MNRConfig = MNRC
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
     device = next(encoder.parameters()).device
-    encoder.train()
     losses = []
     it = batches
     if progress:
         from tqdm import tqdm
 
         it = tqdm(batches, desc="MNR fine-tuning", unit="step")
-    for batch in it:
-        feats = []
-        for col in (0, 1):
-            f = _features(encoder, [pairs[i][col] for i in batch])
-            feats.append({k: v.to(device) if hasattr(v, "to") else v for k, v in f.items()})
-        loss = loss_fn(feats, None)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if not math.isfinite(losses[-1]):
-            raise DataError("the MNR loss diverged (not finite): lower the learning rate")
-        if on_checkpoint is not None and len(losses) in checkpoints:
-            encoder.eval()
-            on_checkpoint(len(losses))
-            encoder.train()
-    encoder.eval()
+    encoder.train()
+    try:
+        for batch in it:
+            feats = []
+            for col in (0, 1):
+                f = _features(encoder, [pairs[i][col] for i in batch])
+                feats.append({k: v.to(device) if hasattr(v, "to") else v for k, v in f.items()})
+            loss = loss_fn(feats, None)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            if not math.isfinite(losses[-1]):
+                raise DataError("the MNR loss diverged (not finite): lower the learning rate")
+            if on_checkpoint is not None and len(losses) in checkpoints:
+                encoder.eval()
+                on_checkpoint(len(losses))
+                encoder.train()
+    finally:  # also after an error or Ctrl-C: a caller goes on with the encoder, and dropout must be off
+        encoder.eval()
     return MNRResult(len(batches), losses)

@@ -36,7 +36,7 @@ class DebHarvester(Harvester):
     def __init__(self, targets: list[str], config: DebianConfig = DebianConfig(), *, origin: str | None = None,
                  timeout_s: float = 600.0):
         super().__init__(origin or "deb:" + ",".join(targets))
-        self.targets = targets
+        self.targets = list(dict.fromkeys(targets))  # each once: a name given twice would be fetched twice
         self.config = config
         self.timeout_s = timeout_s
 
@@ -53,6 +53,7 @@ class DebHarvester(Harvester):
                                    check=True, timeout=self.timeout_s)
                 except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
                     self.skip("unreadable", str(deb), (getattr(e, "stderr", "") or str(e)).strip()[:200])
+                    shutil.rmtree(root, ignore_errors=True)  # what it extracted; another .deb may have this name
                     continue
                 info = PackageInfo.from_fields(_control_fields(fields.stdout))
                 files = ["/" + str(p.relative_to(root)) for p in sorted(root.rglob("*"))
