@@ -331,3 +331,98 @@ def test_dot_paths(store, tiny, docs, small_config, tmp_path, monkeypatch):
     monkeypatch.chdir(here)
     build_datastore(docs[:2], tiny, ".", small_config, progress=False)
     assert Datastore.load(here).n_entries > 0 and not (tmp_path / "here.parts").exists()
+
+
+def test_an_interrupted_refresh_of_a_rebuilt_folder_is_redone_whole(store, tiny, docs, small_config, monkeypatch):
+    import faiss
+
+    rebuilt = build_datastore(docs[:6], tiny, store.folder, small_config, progress=False)  # e.g. by another process
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(faiss, "read_index", interrupted)  # after values.npy and docs.jsonl were read
+        with pytest.raises(KeyboardInterrupt):
+            store.refresh()
+    assert store.refresh()  # tried again: the whole folder, not only its tombstones
+    assert len(store) == len(rebuilt) == store.n_entries and len(store.docs) == 6
+    xq = np.asarray(rebuilt.keys[:5], np.float32)
+    np.testing.assert_array_equal(store.search(xq, 4).I, rebuilt.search(xq, 4).I)
+
+
+def test_a_failed_optout_leaves_the_object_as_the_folder_is(store, tiny, monkeypatch):
+    import lmlab.silo.datastore as datastore
+
+    planted = [d.id for d in store.docs].index("planted")
+    xq = np.asarray(store.keys[np.flatnonzero(store.doc == planted)], np.float32)
+    live = len(store)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(datastore, "write_json_atomic", disk_full)
+        with pytest.raises(OSError):
+            store.optout(doc_ids=["planted"])
+    # nothing was persisted, and the object says so: no tombstone it does not have on disk, no temp file left
+    assert store.manifest["tombstones"]["doc_ids"] == [] and not store.removed_docs.any() and len(store) == live
+    assert sorted(p.name for p in store.folder.iterdir() if p.name.startswith(".")) == [".optout.lock"]
+    rep = store.optout(doc_ids=["planted"])  # the retry removes it, and says so
+    assert rep.documents == 1 and rep.entries == live - len(store) > 0
+    again = Datastore.load(store.folder, tiny, verify=True)
+    assert not np.isin(again.search(xq, 50).I, np.flatnonzero(again.doc == planted)).any()
+
+
+def test_parts_of_another_model_are_not_reused(tiny, docs, small_config, tmp_path, monkeypatch):
+    from lmlab.lm import models
+
+    parts, rmtree = tmp_path / "ds.parts", shutil.rmtree
+
+    def interrupted_cleanup(path, *args, **kwargs):  # the parts' clean-up stops after deleting build.json
+        if path != parts:
+            return rmtree(path, *args, **kwargs)
+        (parts / "build.json").unlink()
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "rmtree", interrupted_cleanup)
+        with pytest.raises(KeyboardInterrupt):
+            build_datastore(docs, tiny, tmp_path / "ds", small_config, progress=False)
+    assert any(parts.glob("part-*.npz")) and not (parts / "build.json").exists()
+    other = models.load("tiny:micro", seed=1)  # the next rebuild uses another model
+    ds = build_datastore(docs, other, tmp_path / "ds", small_config, progress=False)
+    ref = build_datastore(docs, other, tmp_path / "ref", small_config, progress=False)
+    np.testing.assert_array_equal(np.asarray(ds.keys), np.asarray(ref.keys))  # its keys, not the parts' of tiny
+
+
+def test_an_interrupted_refresh_of_new_tombstones_is_redone(store, monkeypatch):
+    import lmlab.silo.datastore as datastore
+
+    Datastore.load(store.folder).optout(doc_ids=["planted"])  # another process opts a document out
+    planted = [d.id for d in store.docs].index("planted")
+    xq = np.asarray(store.keys[np.flatnonzero(store.doc == planted)], np.float32)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(datastore, "match_documents", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            store.refresh()
+    assert store.refresh() and store.removed_docs[planted]
+    assert not np.isin(store.search(xq, 50).I, np.flatnonzero(store.doc == planted)).any()
+
+
+def test_a_part_interrupted_while_written_leaves_no_temp_file(tiny, docs, small_config, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    def interrupted(path, **arrays):  # half the file is on disk when the interrupt lands
+        Path(path).write_bytes(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(np, "savez", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            build_datastore(docs, tiny, tmp_path / "s0", small_config, shard=(0, 2), progress=False)
+    assert [p.name for p in (tmp_path / "s0").iterdir()] == ["build.json"]

@@ -72,3 +72,34 @@ def test_missing_block_file_is_a_data_error(ric):
     (ric.folder / "blocks.npz").unlink()
     with pytest.raises(DataError, match="incomplete or corrupted"):
         RicLM.load(ric.folder)
+
+
+def test_an_interrupted_refresh_of_a_rebuilt_index_is_redone_whole(ric, docs, tiny, monkeypatch):
+    import bm25s
+
+    rebuilt = RicLM.build(docs[:3], tiny.tokenizer, ric.folder, block_tokens=32)  # e.g. by another process
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(bm25s.BM25, "load", interrupted)  # after blocks.npz and docs.jsonl were read
+        with pytest.raises(KeyboardInterrupt):
+            ric.refresh()
+    assert ric.refresh() and ric.n_blocks == rebuilt.n_blocks and len(ric.docs) == 3
+    assert ric.retrieve(["package p1 prints lines"], 5) == rebuilt.retrieve(["package p1 prints lines"], 5)
+
+
+def test_a_failed_optout_leaves_the_index_as_its_folder_is(ric, monkeypatch):
+    import lmlab.silo.ric_lm as ric_lm
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(ric_lm, "write_json_atomic", disk_full)
+        with pytest.raises(OSError):
+            ric.optout(doc_ids=["planted"])
+    assert ric.manifest["tombstones"]["doc_ids"] == [] and not ric.removed_docs.any()  # nothing was persisted
+    assert ric.optout(doc_ids=["planted"]) > 0  # the retry masks the blocks, and says so
+    assert RicLM.load(ric.folder).removed_docs.sum() == 1

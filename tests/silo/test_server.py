@@ -114,3 +114,31 @@ def test_server_sees_an_optout_made_by_another_process(served, tiny, planted_tex
     r = httpx.post(f"{url}/optout", json={"doc_ids": ["doc00"]}, headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 200 and r.json()["tombstones"]["doc_ids"] == ["doc00", "planted"]
     assert Datastore.load(service.datastore.folder, tiny).removed_docs.sum() == 2  # neither overwrote the other
+
+
+def test_a_failed_optout_is_audited_answered_in_json_and_can_be_retried(store, tiny, docs, tmp_path, monkeypatch):
+    import lmlab.silo.datastore as datastore
+    import lmlab.silo.ric_lm as ric_lm
+    from lmlab.silo.ric_lm import RicLM
+
+    ric = RicLM.build(docs, tiny.tokenizer, tmp_path / "ric", block_tokens=32)
+    service = SiloService(tiny, store, KnnLMConfig(k=16, lmbda=0.5), ric=ric, audit_log=tmp_path / "audit.jsonl")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with serve_in_thread(create_app(service, admin_token=TOKEN)) as url:
+        for module in (datastore, ric_lm):  # the datastore's write fails; then, the datastore done, the RIC's
+            with monkeypatch.context() as m:
+                m.setattr(module, "write_json_atomic", disk_full)
+                r = httpx.post(f"{url}/optout", json={"doc_ids": ["planted"]}, headers=auth, timeout=60)
+            assert r.status_code == 500 and "No space left" in r.json()["error"]["message"]
+            st = httpx.get(f"{url}/datastore").json()  # answers, and claims no more than the disk holds
+            assert st["tombstones"]["doc_ids"] == Datastore.load(store.folder).manifest["tombstones"]["doc_ids"]
+        r = httpx.post(f"{url}/optout", json={"doc_ids": ["planted"]}, headers=auth, timeout=60)
+        assert r.status_code == 200
+    log = [json.loads(line) for line in service.audit_log.read_text().splitlines()]
+    assert [e["outcome"] for e in log] == ["failed", "failed", "removed"]
+    assert "No space left" in log[0]["message"] and log[1]["documents"] == 1  # the datastore's part was done
+    assert RicLM.load(ric.folder).removed_docs.sum() == 1 == Datastore.load(store.folder).removed_docs.sum()

@@ -293,8 +293,8 @@ def encode_parts(docs: Iterable, loaded, parts_dir: str | os.PathLike, config: D
 
     ``docs`` yields objects with ``.id .text .source .license .license_class`` (and optionally ``.meta``), in
     a stable order. Each chunk's part is written atomically when done and skipped on a rerun if it was encoded
-    from the same documents (:func:`_chunk_fingerprint`), else encoded again; ``build.json`` records the whole
-    selection's fingerprint, which shards must agree on.
+    from the same documents (:func:`_chunk_fingerprint`) with the same model and settings, else encoded again;
+    ``build.json`` records the whole selection's fingerprint, which shards must agree on.
     """
     import torch
     from tqdm.auto import tqdm
@@ -315,6 +315,9 @@ def encode_parts(docs: Iterable, loaded, parts_dir: str | os.PathLike, config: D
             raise ManifestMismatchError(f"{parts_dir} holds a build with other settings ({', '.join(diff)}): "
                                         "use another output folder or delete it")
     write_json_atomic(state, info)  # not complete until this run is: its parts may change (another selection)
+    # a part records its settings too: parts left without build.json (e.g. by an interrupted clean-up) are not
+    # taken for another model's
+    settings = json.dumps({k: v for k, v in info.items() if k != "shard"}, sort_keys=True)
     model, tok = loaded.model, loaded.tokenizer
     eos = tok.eos_token_id
     if eos is None:
@@ -330,12 +333,13 @@ def encode_parts(docs: Iterable, loaded, parts_dir: str | os.PathLike, config: D
             selection.update(fingerprint.encode())
             if c % n_shards != i_shard:
                 continue
+            made_from = hashlib.sha256((settings + fingerprint).encode()).hexdigest()  # these documents, this model
             done = parts_dir / f"part-{c:07d}.npz"
             if done.is_file():
-                if (entries := _finished_entries(done, fingerprint)) is not None:
+                if (entries := _finished_entries(done, made_from)) is not None:
                     n_entries += entries
                     continue
-                redone += 1  # encoded from other documents: the selection changed since the interrupted run
+                redone += 1  # encoded from other documents (the selection changed since the interrupted run) or model
             token_lists = tok([d.text for d in chunk], add_special_tokens=False)["input_ids"]
             infos = [asdict(_doc_info(d)) | {"n_tokens": len(t)} for d, t in zip(chunk, token_lists, strict=True)]
             ids, doc_of, off_of = _stream(token_lists, eos, first)
@@ -355,10 +359,14 @@ def encode_parts(docs: Iterable, loaded, parts_dir: str | os.PathLike, config: D
                           values=(np.concatenate(values) if values else np.zeros(0)).astype(np.int32),
                           doc=doc_of[pos].astype(np.int32), offset=off_of[pos].astype(np.int32),
                           docs=np.frombuffer(json.dumps(infos).encode(), dtype=np.uint8),
-                          fingerprint=np.frombuffer(fingerprint.encode(), dtype=np.uint8))
+                          fingerprint=np.frombuffer(made_from.encode(), dtype=np.uint8))
             tmp = parts_dir / f".part-{c:07d}.tmp.npz"
-            np.savez(tmp, **arrays)
-            os.replace(tmp, done)
+            try:
+                np.savez(tmp, **arrays)
+                os.replace(tmp, done)
+            except BaseException:  # no half-written file left in a shard folder
+                tmp.unlink(missing_ok=True)
+                raise
             n_entries += len(arrays["values"])
     bar.close()
     for p in parts_dir.glob("part-*.npz"):  # chunks past the end: left by a run over more documents
@@ -367,7 +375,7 @@ def encode_parts(docs: Iterable, loaded, parts_dir: str | os.PathLike, config: D
             p.unlink()
             redone += 1
     if redone:
-        log.warning("%s: %d chunk(s) were encoded from other documents than this run's: encoded them again",
+        log.warning("%s: %d chunk(s) were encoded from other documents or settings than this run's: encoded them again",
                     parts_dir, redone)
     done = {"chunks": n_chunks, "documents": n_docs, "corpus_fingerprint": selection.hexdigest()}
     write_json_atomic(parts_dir / "build.json", {**info, "complete": True, **done})
@@ -810,17 +818,25 @@ class Datastore:
                 if manifest.get(key) != self.manifest.get(key):
                     raise ManifestMismatchError(f"{self.folder} was rebuilt with another {key.split('_')[0]}: "
                                                 "restart with the model it was built with")
-            self.manifest = {**manifest, "tombstones": merge_tombstones(self.manifest.get("tombstones", {}),
-                                                                        manifest.get("tombstones", {}))}
-            self._load()
+            self._replace_with({**manifest, "tombstones": merge_tombstones(self.manifest.get("tombstones", {}),
+                                                                           manifest.get("tombstones", {}))})
         else:
             tombstones = merge_tombstones(self.manifest.get("tombstones", {}), manifest.get("tombstones", {}))
             changed = tombstones != merge_tombstones(self.manifest.get("tombstones", {}))
-            self.manifest = {**manifest, "tombstones": tombstones}
+            old, self.manifest = self.manifest, {**manifest, "tombstones": tombstones}
             if changed:
-                self._apply_tombstones()
+                try:
+                    self._apply_tombstones()
+                except BaseException:  # interrupted: the next refresh must still see them as new and apply them
+                    self.manifest = old
+                    raise
         self._seen = stamp
         return True
+
+    def _replace_with(self, manifest: dict) -> None:
+        """Load the folder with ``manifest`` into a new object, then take its state: a read that fails or is
+        interrupted half-way leaves this object as it was (not new values over an old index)."""
+        self.__dict__.update(Datastore(self.folder, manifest).__dict__)
 
     def optout(self, *, doc_ids: Iterable[str] = (), sources: Iterable[str] = (),
                license_classes: Iterable[str] = ()) -> OptOutReport:
@@ -843,20 +859,27 @@ class Datastore:
             before = len(self)
             t = merge_tombstones(self.manifest.get("tombstones", {}),
                                  {"doc_ids": doc_ids, "sources": sources, "license_classes": license_classes})
-            self.manifest = {**self.manifest, "tombstones": t}
-            self._apply_tombstones()
-            removed = before - len(self)
-            # The manifest (tombstones + the new index's checksum) is written first: a crash before the index is
-            # renamed into place leaves the old index, and loading re-applies the tombstones to it.
             tmp = self.folder / f".{INDEX}.tmp"
-            faiss.write_index(self.index, str(tmp))
-            files = dict(self.manifest.get("files", {}))
-            files[INDEX] = {"bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
-            self.manifest = {**self.manifest, "removed_entries": int(self.n_entries - len(self)),
-                             "index_bytes": tmp.stat().st_size, "files": files}
-            write_json_atomic(self.folder / MANIFEST, self.manifest)
-            self._seen = manifest_stamp(self.folder)
-            os.replace(tmp, self.folder / INDEX)
+            try:
+                self.manifest = {**self.manifest, "tombstones": t}
+                self._apply_tombstones()
+                removed = before - len(self)
+                # The manifest (tombstones + the new index's checksum) is written first: a crash before the index
+                # is renamed into place leaves the old index, and loading re-applies the tombstones to it.
+                faiss.write_index(self.index, str(tmp))
+                files = dict(self.manifest.get("files", {}))
+                files[INDEX] = {"bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
+                self.manifest = {**self.manifest, "removed_entries": int(self.n_entries - len(self)),
+                                 "index_bytes": tmp.stat().st_size, "files": files}
+                write_json_atomic(self.folder / MANIFEST, self.manifest)
+                self._seen = manifest_stamp(self.folder)
+                os.replace(tmp, self.folder / INDEX)
+            except BaseException:
+                # failed or interrupted part-way: this object goes back to what the folder holds (it must not
+                # report as removed what a restart would bring back; a retry then reports what it removes)
+                tmp.unlink(missing_ok=True)
+                self._replace_with(read_manifest(self.folder))
+                raise
         return OptOutReport(documents=int(newly.sum()), entries=int(removed), live_entries=len(self), tombstones=t)
 
     def stats(self) -> dict:

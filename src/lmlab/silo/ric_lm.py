@@ -179,10 +179,10 @@ class RicLM:
         manifest = read_manifest(self.folder)
         tombstones = merge_tombstones(self.manifest.get("tombstones", {}), manifest.get("tombstones", {}))
         rebuilt = _build_identity(manifest) != _build_identity(self.manifest)
-        self.manifest = {**manifest, "tombstones": tombstones}
-        if rebuilt:
-            self._load()
+        if rebuilt:  # read into a new object first: an interrupted read leaves this one as it was
+            self.__dict__.update(RicLM(self.folder, {**manifest, "tombstones": tombstones}).__dict__)
         else:
+            self.manifest = {**manifest, "tombstones": tombstones}
             self._apply_tombstones()
         self._seen = stamp
         return True
@@ -199,9 +199,14 @@ class RicLM:
             before = int(self.removed_docs[self.block_doc].sum())
             t = merge_tombstones(self.manifest.get("tombstones", {}), {
                 "doc_ids": list(doc_ids), "sources": list(sources), "license_classes": list(license_classes)})
-            self.manifest = {**self.manifest, "tombstones": t}
-            self._apply_tombstones()
-            write_json_atomic(self.folder / "manifest.json", self.manifest)
+            old, self.manifest = self.manifest, {**self.manifest, "tombstones": t}
+            try:
+                self._apply_tombstones()
+                write_json_atomic(self.folder / "manifest.json", self.manifest)
+            except BaseException:  # not persisted: do not report (or count on a retry) what a restart would undo
+                self.manifest = old
+                self._apply_tombstones()
+                raise
             self._seen = manifest_stamp(self.folder)
         return int(self.removed_docs[self.block_doc].sum()) - before
 

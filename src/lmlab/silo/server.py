@@ -16,9 +16,11 @@ and whose predictions can be attributed; the paper ships no service, this is our
 
 Errors are ``{"error": {"message", "type"}}``: 422 for an invalid body (the message names the field), 401/403
 for opt-out auth, 400 for a request the model cannot serve (e.g. longer than its positions), 404 for an
-opt-out matching nothing. One lock serialises model and index access; FastAPI's threadpool keeps the event
-loop answering. Before answering, the service checks the datastore's manifest (one ``stat``) and applies opt-outs
-that another process (``lmlab silo optout``) wrote meanwhile; its own opt-outs merge with those on disk.
+opt-out matching nothing, 500 for a failure of the server (e.g. a full disk: an opt-out that fails is audited as
+``failed``, leaves the service as the datastore on disk is, and can be retried). One lock serialises model and
+index access; FastAPI's threadpool keeps the event loop answering. Before answering, the service checks the
+datastore's manifest (one ``stat``) and applies opt-outs that another process (``lmlab silo optout``) wrote
+meanwhile; its own opt-outs merge with those on disk.
 """
 
 import hmac
@@ -125,6 +127,10 @@ def create_app(service: SiloService, *, admin_token: str | None = None) -> "Fast
     async def _unservable(request, exc: LmlabError):
         return _error(404 if isinstance(exc, DataError) and "opt-out" in str(exc) else 400, str(exc))
 
+    @app.exception_handler(Exception)
+    async def _failed(request, exc: Exception):  # a fault of the server (e.g. a full disk), still in our format
+        return _error(500, f"the server failed: {type(exc).__name__}: {exc}")
+
     @app.post("/v1/generate")
     def generate(req: GenerateRequest) -> dict:
         changes = {k: v for k, v in (("k", req.k), ("lmbda", req.lmbda)) if v is not None}
@@ -164,14 +170,17 @@ def create_app(service: SiloService, *, admin_token: str | None = None) -> "Fast
             service.audit({**record, "outcome": "unauthorized"})
             return _error(401, "opt-out needs 'Authorization: Bearer <admin token>'")
         with service.lock:
+            rep = None
             try:
                 rep = service.datastore.optout(doc_ids=req.doc_ids, sources=req.sources,
                                                license_classes=req.license_classes)
-            except LmlabError as e:
-                service.audit({**record, "outcome": "rejected", "message": str(e)})
+                if service.ric is not None:
+                    service.ric.optout(doc_ids=req.doc_ids, sources=req.sources, license_classes=req.license_classes)
+            except Exception as e:  # audited too; a retry redoes what is missing (opt-outs are idempotent)
+                done = {} if rep is None else {"documents": rep.documents, "entries": rep.entries}  # the datastore's
+                service.audit({**record, "outcome": "rejected" if isinstance(e, LmlabError) else "failed",
+                               "message": str(e), **done})
                 raise
-            if service.ric is not None:
-                service.ric.optout(doc_ids=req.doc_ids, sources=req.sources, license_classes=req.license_classes)
             service.audit({**record, "outcome": "removed", "documents": rep.documents, "entries": rep.entries})
         return asdict(rep)
 
