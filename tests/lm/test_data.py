@@ -94,3 +94,27 @@ def test_corrupted_shard_is_detected(text_dir, tmp_path):
     shard.write_bytes(bytes(raw))
     with pytest.raises(DataError, match="checksum"):
         data.TokenShards(f["train"], verify=True)
+
+
+def test_a_rebuild_interrupted_between_its_two_renames_leaves_no_mix_of_builds(text_dir, tmp_path, monkeypatch):
+    # validation/ moves into place before train/: an interrupt between the two left the new validation split beside
+    # the old build's train split, both with valid manifests, and training used the mix without a word
+    import os
+
+    tok = tokenizer.byte_tokenizer()
+    texts = list(data.read_texts(text_dir))
+    data.build_token_shards(texts, tok, tmp_path / "tok", validation_fraction=0.2, source="old")
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        if str(src).endswith("train"):  # validation/ has moved in; the old train/ is about to move aside
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.build_token_shards(texts[:30], tok, tmp_path / "tok", validation_fraction=0.2, source="new")
+    monkeypatch.undo()
+    assert data.TokenShards(tmp_path / "tok" / "validation").manifest["source"] == "new"
+    with pytest.raises(DataError, match="did not finish"):
+        data.TokenShards(tmp_path / "tok" / "train")

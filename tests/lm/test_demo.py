@@ -40,3 +40,24 @@ def test_demo_runs_end_to_end_and_lowers_perplexity(tmp_path, source):
 def test_demo_without_enough_text_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         run(DemoConfig(out=str(tmp_path / "d"), source=str(tmp_path / "none")), echo=lambda s: None)
+
+
+def test_demo_resumes_after_an_interrupt_between_the_two_shard_renames(tmp_path, source, monkeypatch):
+    # validation/ moved into place, then Ctrl-C before train/: the rerun saw validation's manifest, skipped the
+    # build and stopped with "train has no manifest.json" instead of resuming
+    import os
+
+    cfg = DemoConfig(out=str(tmp_path / "demo"), source=str(source), vocab_size=300, preset="micro", steps=2,
+                     seq_len=32, batch_size=4, eval_tokens=500)
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        if str(dst).endswith(os.path.join("tokens", "train")):
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, echo=lambda s: None)
+    monkeypatch.undo()
+    assert run(cfg, echo=lambda s: None)["steps"] == 2

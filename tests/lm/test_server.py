@@ -189,3 +189,33 @@ def test_smollm2_over_http_equals_local_with_a_bpe_tokenizer_and_chat_template(s
         assert remote.generate(["The capital of France is"], **kw) == local.generate(["The capital of France is"], **kw)
         reply = remote.chat(messages, max_tokens=20)
         assert reply == local.chat(messages, max_tokens=20) and "Paris" in reply.text
+
+
+def test_a_temperature_too_small_to_sample_with_is_greedy_not_a_500(base_url, local):
+    # logits / 1e-45 overflow to inf and sampling raised "probability tensor contains inf": a 500 (vLLM treats
+    # temperatures below 1e-5 as greedy; so do we)
+    greedy = local.generate(["The"], max_tokens=4)
+    for temperature in (1e-45, 1e-6):
+        body = dict(prompt="The", max_tokens=4, temperature=temperature, n=2)
+        response = httpx.post(f"{base_url}/completions", json=body)
+        assert response.status_code == 200
+        assert [c["text"] for c in response.json()["choices"]] == [greedy[0][0].text] * 2
+        assert local.generate(["The"], max_tokens=4, temperature=temperature) == greedy
+
+
+def test_messages_the_chat_template_refuses_are_a_400_and_the_server_goes_on(tiny):
+    # a template that raises (Llama-2 and Gemma templates refuse a system role or roles that do not alternate)
+    # made a 500 with a jinja2 traceback
+    import copy
+
+    tok = copy.deepcopy(tiny.tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m.role == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}{{ m.content }}{% endfor %}")
+    with serve_in_thread(create_app(LocalHFBackend(tiny.model, tok), "tiny")) as url:
+        refused = httpx.post(f"{url}/chat/completions", json=dict(messages=[{"role": "system", "content": "x"}]))
+        assert refused.status_code == 400
+        assert refused.json()["error"]["message"] == \
+            "the tokenizer's chat template refuses these messages: System role not supported"
+        ok = httpx.post(f"{url}/chat/completions", json=dict(messages=[{"role": "user", "content": "x"}],
+                                                             max_tokens=2))
+        assert ok.status_code == 200

@@ -52,3 +52,18 @@ def test_a_folder_without_a_loadable_tokenizer_is_a_data_error(tmp_path, content
         (tmp_path / "tokenizer.json").write_text(content)
     with pytest.raises(DataError, match="holds no loadable tokenizer"):
         tokenizer.load(tmp_path)
+
+
+def test_a_folder_holding_other_files_is_not_replaced_by_the_tokenizer(tmp_path):
+    # `lmlab lm tokenizer --data corpus --out corpus`: the folder was swapped for the tokenizer's, deleting the texts
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "doc.txt").write_text("the cat sat on the mat " * 50)
+    with pytest.raises(ConfigError, match="holds files that are not a tokenizer"):
+        tokenizer.train_bpe(["the cat sat on the mat " * 50], vocab_size=300, out_dir=tmp_path / "corpus")
+    assert (tmp_path / "corpus" / "doc.txt").is_file()
+    # a tokenizer folder (or an empty one) is replaced
+    tokenizer.save(tokenizer.byte_tokenizer(), tmp_path / "tok")
+    (tmp_path / "empty").mkdir()
+    for folder in ("tok", "empty"):
+        trained = tokenizer.train_bpe(["the cat sat on the mat " * 50], vocab_size=300, out_dir=tmp_path / folder)
+        assert len(tokenizer.load(tmp_path / folder)) == len(trained) > 258

@@ -69,19 +69,24 @@ def test_resume_reproduces_the_uninterrupted_curve_exactly(tmp_path, shards):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_interrupt_saves_a_checkpoint_and_resume_continues(tmp_path, shards, monkeypatch):
-    t = _trainer(tmp_path / "run", shards)
+def _ctrl_c_at_step(monkeypatch, step: int) -> None:
+    """Make Trainer.train_step raise KeyboardInterrupt when it is about to run step ``step`` + 1."""
     real_step = Trainer.train_step
 
     def flaky(self):
-        if self.step == 5:
+        if self.step == step:
             raise KeyboardInterrupt
         return real_step(self)
 
     monkeypatch.setattr(Trainer, "train_step", flaky)
+
+
+def test_interrupt_saves_a_checkpoint_and_resume_continues(tmp_path, shards, monkeypatch):
+    t = _trainer(tmp_path / "run", shards)
+    _ctrl_c_at_step(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         t.fit()
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    monkeypatch.undo()
     assert latest_checkpoint(tmp_path / "run").name == "step-00000005"
     resumed = _trainer(tmp_path / "run", shards)
     assert resumed.step == 5
@@ -213,3 +218,112 @@ def test_ddp_two_processes_match_one_process_with_accumulation(tmp_path, shards)
     single_losses = [r["loss"] for r in _curve(tmp_path / "single")]
     assert losses == pytest.approx(single_losses, rel=1e-4)
     assert latest_checkpoint(tmp_path / "ddp").name == "step-00000006"
+
+
+def test_resume_after_a_torn_metrics_line(tmp_path, shards):
+    # a crash (disk full, kill -9) in the middle of appending a metrics line left a partial last line: resuming
+    # raised a raw JSONDecodeError and the run could not continue
+    _trainer(tmp_path / "full", shards).fit()
+    _trainer(tmp_path / "split", shards).fit(until_step=6)
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 8, "lo')
+    _trainer(tmp_path / "split", shards).fit()
+    full, split = _curve(tmp_path / "full"), _curve(tmp_path / "split")
+    assert [(r["step"], r["loss"]) for r in full] == [(r["step"], r["loss"]) for r in split]
+
+
+def test_a_run_that_died_before_its_first_checkpoint_starts_a_clean_curve(tmp_path, shards, monkeypatch):
+    # a crash before the first checkpoint (here an error in the first save) left metrics lines for steps 2 and 4;
+    # the fresh start appended its own, so the curve listed steps 2 and 4 twice
+    def disk_full(self, **kw):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", disk_full)
+    with pytest.raises(OSError):
+        _trainer(tmp_path / "run", shards).fit()
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path / "run") is None and _curve(tmp_path / "run")
+    _trainer(tmp_path / "full", shards).fit()
+    _trainer(tmp_path / "run", shards).fit()
+    full, run = _curve(tmp_path / "full"), _curve(tmp_path / "run")
+    assert [(r["step"], r["loss"]) for r in full] == [(r["step"], r["loss"]) for r in run]
+
+
+@pytest.mark.parametrize("same_process", [False, True])
+@pytest.mark.parametrize("at", [4, 12])
+def test_ctrl_c_during_evaluation_keeps_the_curve_exact(tmp_path, shards, monkeypatch, same_process, at):
+    # a Ctrl-C while evaluating step 4 came after step 4 was counted but before its metrics line: the checkpoint was
+    # step 4 and the resumed run never wrote that line, and logged step 6 as the mean of steps 3-6
+    cfg = replace(CFG, save_every=0)
+    _trainer(tmp_path / "full", shards, cfg=cfg).fit()
+    t = _trainer(tmp_path / "split", shards, cfg=cfg)
+    real_eval = Trainer.evaluate
+
+    def interrupted(self):
+        if self.step == at:
+            raise KeyboardInterrupt
+        return real_eval(self)
+
+    monkeypatch.setattr(Trainer, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path / "split").name == f"step-{at:08d}"
+    # the line is written first, and the step saved again: a later resume does not write it a second time
+    (t if same_process else _trainer(tmp_path / "split", shards, cfg=cfg)).fit(until_step=at)
+    _trainer(tmp_path / "split", shards, cfg=cfg).fit()
+    full, split = _curve(tmp_path / "full"), _curve(tmp_path / "split")
+    assert [r["step"] for r in full] == [r["step"] for r in split]
+    for a, b in zip(full, split, strict=True):
+        assert (a["loss"], a["lr"], a.get("eval_loss")) == (b["loss"], b["lr"], b.get("eval_loss"))
+
+
+def test_an_interrupted_evaluate_restores_the_training_mode(tmp_path, shards, monkeypatch):
+    t = _trainer(tmp_path / "run", shards)
+    t.model.train()
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "lm_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        t.evaluate()
+    assert t.model.training
+    monkeypatch.undo()
+    t.model.eval()
+    t.evaluate()
+    assert not t.model.training  # a model the caller had in eval mode stays there
+
+
+def test_ctrl_c_right_after_a_metrics_line_is_written_does_not_log_it_twice(tmp_path, shards, monkeypatch):
+    """A real SIGINT just after step 4's line was appended: the interval it logged is reset before the interrupt
+    lands, so the checkpoint does not hold it as unlogged (resuming wrote step 4's line a second time)."""
+    import signal
+
+    _trainer(tmp_path / "full", shards).fit()
+    real_log = Trainer._log
+
+    def log_then_ctrl_c(self, record):
+        real_log(self, record)
+        if record["step"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Trainer, "_log", log_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tmp_path / "split", shards).fit()
+    monkeypatch.undo()
+    _trainer(tmp_path / "split", shards).fit()
+    full, split = _curve(tmp_path / "full"), _curve(tmp_path / "split")
+    assert [(r["step"], r["loss"]) for r in full] == [(r["step"], r["loss"]) for r in split]
+
+
+def test_a_fresh_run_over_an_old_one_never_resumes_the_old_checkpoints(tmp_path, shards, monkeypatch):
+    # resume=False in a folder holding a finished run: the new run's checkpoints were pruned as the oldest (its
+    # step 5 beside the old 8 and 12), so after a Ctrl-C the next resume silently continued the old run at step 12
+    _trainer(tmp_path / "run", shards).fit()
+    _ctrl_c_at_step(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tmp_path / "run", shards, cfg=replace(CFG, seed=8), resume=False).fit()
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000005"
+    assert _trainer(tmp_path / "run", shards, cfg=replace(CFG, seed=8)).step == 5

@@ -6,7 +6,7 @@ Agents (Graph of Thoughts, tool use) and evaluations talk to a language model on
 
 - ``generate(prompts, n=, max_tokens=, temperature=, stop=, seed=)``: for each prompt, ``n``
   :class:`Completion` s (text, token counts for cost accounting, ``finish_reason`` "stop" or "length").
-  ``temperature == 0`` is greedy; stop strings truncate the text at the first occurrence.
+  ``temperature == 0`` (or below 1e-5) is greedy; stop strings truncate the text at the first occurrence.
 - ``chat(messages, ...)``: one assistant reply to a list of ``{"role", "content"}`` messages.
 - ``loglikelihood(context, continuation)``: a :class:`LogLikelihood` (sum of the continuation's token
   log-probabilities given the context, whether greedy decoding would produce it, how many tokens).
@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
-from lmlab.errors import BackendError, ConfigError
+from lmlab.errors import BackendError, ConfigError, first_line
 
 FinishReason = Literal["stop", "length"]
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
@@ -50,6 +50,8 @@ Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content":
 # request leaves unset from the checkpoint's generation_config.json (a repetition penalty, top-k 50, top-p).
 NEUTRAL_DECODING = dict(repetition_penalty=1.0, no_repeat_ngram_size=0)
 NEUTRAL_SAMPLING = dict(top_k=0, top_p=1.0, typical_p=1.0, min_p=0.0)  # pure temperature sampling
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS): logits divided by a tiny one overflow to inf.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,12 @@ def plain_chat_prompt(messages: list[Message]) -> str:
 def chat_prompt(tokenizer, messages: list[Message]) -> str:
     """A conversation as prompt text: the tokenizer's chat template if it has one, else :func:`plain_chat_prompt`."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        from jinja2 import TemplateError
+
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as e:  # templates raise on what they do not support (a system role, roles out of turn)
+            raise BackendError(f"the tokenizer's chat template refuses these messages: {first_line(e, 200)}") from e
     return plain_chat_prompt(messages)
 
 
@@ -196,7 +203,8 @@ class LocalHFBackend:
                  stop: list[str] | None = None, seed: int | None = None) -> list[list[Completion]]:
         """For each prompt, ``n`` completions; batched ``model.generate`` with left padding.
 
-        Greedy when ``temperature == 0`` (the ``n`` completions are then identical and computed once),
+        Greedy when ``temperature`` is 0 (or below :data:`GREEDY_BELOW`; the ``n`` completions are then identical
+        and computed once),
         otherwise pure temperature sampling (no top-k/top-p), reproducible for a given ``seed`` and
         ``batch_size``. Generation runs to EOS or ``max_tokens``; stop strings then truncate the text.
         """
@@ -213,7 +221,7 @@ class LocalHFBackend:
                                f"{max(too_long)}: shorten the prompt or lower max_tokens")
         if max_tokens == 0:
             return [[Completion("", len(ids), 0, "length")] * n for ids in encoded]
-        sample = temperature > 0
+        sample = temperature >= GREEDY_BELOW
         rows = [i for i in range(len(prompts)) for _ in range(n if sample else 1)]  # prompt index per row
         results: list[list[Completion]] = [[] for _ in prompts]
         with torch.random.fork_rng(devices=self._cuda_devices(), enabled=seed is not None):
@@ -221,7 +229,8 @@ class LocalHFBackend:
                 torch.manual_seed(seed)
             for start in range(0, len(rows), self.batch_size):
                 chunk = rows[start:start + self.batch_size]
-                new_tokens = self._generate_batch([encoded[i] for i in chunk], max_tokens, temperature)
+                new_tokens = self._generate_batch([encoded[i] for i in chunk], max_tokens,
+                                                  temperature if sample else 0.0)
                 for i, ids in zip(chunk, new_tokens, strict=True):
                     results[i].append(self._completion(ids, len(encoded[i]), stop))
         return results if sample else [r * n for r in results]

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from lmlab.errors import DataError, ManifestMismatchError
-from lmlab.io import atomic_dir, read_manifest, write_manifest
+from lmlab.io import MANIFEST, atomic_dir, read_manifest, write_manifest
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 SPLITS = ("train", "validation")
@@ -143,6 +143,10 @@ def build_token_shards(texts: Iterable[str], tokenizer, out_dir: str | os.PathLi
                 "validation_fraction": validation_fraction, "source": source, **counts[s],
             })
             folders[s] = out_dir / s
+        # the splits move in one after the other: retire the old build's first, so an interrupt between the two
+        # renames leaves a split without a manifest (refused), never an old split beside a new one
+        for s in SPLITS:
+            (out_dir / s / MANIFEST).unlink(missing_ok=True)
     return folders
 
 

@@ -103,7 +103,8 @@ def run(cfg: DemoConfig, *, echo=print) -> dict:
         texts = list(machine_texts(cfg.source, max_bytes=int(cfg.max_mb * 1e6)))
         tokenizer.train_bpe(texts, vocab_size=cfg.vocab_size, out_dir=tok_dir)
     tok = tokenizer.load(tok_dir)
-    if not (shard_dir / "validation" / "manifest.json").is_file():
+    # both splits: an interrupt between their two renames leaves one in place
+    if not all((shard_dir / split / "manifest.json").is_file() for split in data.SPLITS):
         echo("[2/4] tokenizing into train/validation shards")
         texts = machine_texts(cfg.source, max_bytes=int(cfg.max_mb * 1e6))
         data.build_token_shards(texts, tok, shard_dir, validation_fraction=0.05, source=cfg.source)

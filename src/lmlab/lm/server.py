@@ -6,7 +6,7 @@ talk to it:
 
 - ``GET /v1/models``: the one served model.
 - ``POST /v1/completions`` (the legacy completions API): ``prompt`` (a string or a list), ``max_tokens``
-  (default 16; 0 only with ``echo``), ``temperature`` (0-2; 0 is greedy), ``n`` (1-16), ``stop``, ``seed``
+  (default 16; 0 only with ``echo``), ``temperature`` (0-2; below 1e-5 is greedy), ``n`` (1-16), ``stop``, ``seed``
   (an int64), ``echo``, ``logprobs`` (0-5 alternatives per token). With ``echo`` and ``logprobs`` the
   prompt's own token log-probabilities come back (the first token's is null), with the token strings and
   their ``text_offset`` in the prompt, which is what log-likelihood scoring over HTTP needs.

@@ -65,6 +65,8 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int = 8192, min_frequency: in
         raise ConfigError("train_bpe needs an iterable of texts, not one string: pass [text]")
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ConfigError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + specials)")
+    if out_dir is not None:
+        _check_replaceable(Path(out_dir))  # before training, not after
     tok = _byte_level_base()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -97,10 +99,18 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int = 8192, min_frequency: in
     return hf
 
 
+def _check_replaceable(out_dir: Path) -> None:
+    """:func:`save` replaces the whole folder: only an empty one or a tokenizer's, never a user's other files."""
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "tokenizer.json").is_file():
+        raise ConfigError(f"{out_dir} holds files that are not a tokenizer, and saving replaces the whole folder: "
+                          "pick a new or empty folder")
+
+
 def save(tokenizer, out_dir: str | os.PathLike) -> Path:
-    """save_pretrained into a temporary folder, then rename it into place."""
+    """save_pretrained into a temporary folder, then rename it into place (replacing an earlier tokenizer there)."""
     from lmlab.io import atomic_dir
 
+    _check_replaceable(Path(out_dir))
     with atomic_dir(out_dir) as tmp:
         tokenizer.save_pretrained(tmp)
     return Path(out_dir)

@@ -43,6 +43,7 @@ from lmlab.errors import CheckpointError, ConfigError, first_line
 from lmlab.io import atomic_dir, read_manifest, write_bytes_atomic, write_manifest
 from lmlab.lm.data import TokenShards, tokenizer_fingerprint
 from lmlab.lm.schedules import Schedule
+from lmlab.lm.score import eval_mode
 
 CKPT_RE = re.compile(r"^step-(\d{8})$")
 
@@ -159,6 +160,14 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return max(done, key=lambda p: int(CKPT_RE.match(p.name).group(1))) if done else None
 
 
+def _line_step(line: str) -> int | None:
+    """The step of a ``metrics.jsonl`` line; None for an empty line or one torn by a crash."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy; ``labels`` are the targets already aligned with ``input_ids``."""
     logits = model(input_ids=input_ids).logits
@@ -171,9 +180,9 @@ class Trainer:
     ``out_dir`` receives ``metrics.jsonl``, ``checkpoints/step-NNNNNNNN/`` and finally ``model/``.
     With ``resume=True`` (default) an existing run in ``out_dir`` continues from its latest checkpoint;
     a checkpoint whose config differs in anything but ``max_steps``/``eval``/``save``/``log`` settings is
-    refused. To continue pre-training another run (arXiv 2308.04014), load its ``model/`` or checkpoint
-    folder as the model (``models.load(path)``), give a new ``out_dir`` and use ``schedule="rewarm"``:
-    the optimizer starts fresh.
+    refused. With ``resume=False`` an existing run's checkpoints are deleted: the run starts over.
+    To continue pre-training another run (arXiv 2308.04014), load its ``model/`` or checkpoint folder as the model
+    (``models.load(path)``), give a new ``out_dir`` and use ``schedule="rewarm"``: the optimizer starts fresh.
     """
 
     RESUMABLE_CHANGES = {"max_steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every"}
@@ -215,6 +224,10 @@ class Trainer:
             self.ddp = None
         if resume and (ckpt := latest_checkpoint(self.out_dir)) is not None:
             self._load(ckpt)
+        elif not resume and self.dist.is_main:  # starting over: an old run's later steps would outrank this run's
+            shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)  # checkpoints in pruning and resume
+        if self.dist.is_main:  # also at step 0: a run that died before its first checkpoint left lines
+            self._truncate_metrics(self.step)
 
     # ----- setup -------------------------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -265,14 +278,14 @@ class Trainer:
         if interval is not None:
             self._interval_loss.fill_(interval["loss_sum"])
             self._interval_n = interval["n"]
-        if self.dist.is_main:
-            self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines written after the checkpoint we resume from, so the curve has no duplicates."""
+        """Drop metric lines written after the checkpoint we resume from, so the curve has no duplicates, and a
+        last line torn by a crash while it was written."""
         path = self.out_dir / "metrics.jsonl"
         if path.is_file():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            keep = [line for line in path.read_text().splitlines()
+                    if (line_step := _line_step(line)) is not None and line_step <= step]
             write_bytes_atomic(path, ("\n".join(keep) + "\n" if keep else "").encode())
 
     def _interval_state(self, *, collective: bool) -> dict | None:
@@ -332,14 +345,13 @@ class Trainer:
         """Mean loss (nats/token) over the first ``eval_batches`` validation batches; None without data."""
         if self.val_data is None or self.val_data.n_tokens <= self.config.seq_len:
             return None
-        self.model.eval()
         total, n = 0.0, 0
-        for b in self.val_data.sequential(self.config.seq_len, self.config.batch_size,
-                                          max_batches=self.config.eval_batches):
-            loss = lm_loss(self.model, b.input_ids.to(self.device), b.labels.to(self.device))
-            total += loss.item() * b.labels.numel()
-            n += b.labels.numel()
-        self.model.train()
+        with eval_mode(self.model):  # restores the caller's mode, also after a Ctrl-C
+            for b in self.val_data.sequential(self.config.seq_len, self.config.batch_size,
+                                              max_batches=self.config.eval_batches):
+                loss = lm_loss(self.model, b.input_ids.to(self.device), b.labels.to(self.device))
+                total += loss.item() * b.labels.numel()
+                n += b.labels.numel()
         return total / n if n else None
 
     def train_step(self) -> float:
@@ -396,30 +408,38 @@ class Trainer:
         timed_n, t0 = 0, time.perf_counter()  # steps timed for tokens_per_s (this call only)
         train_loss = float("nan")
         eval_loss = None
-        last_saved = self.step
+        # A step counted but not yet logged although its metrics line was due: an earlier fit() stopped while
+        # evaluating or logging it (Ctrl-C, an error). Log it first, then save again: its checkpoint holds that
+        # interval as unlogged.
+        pending = self._interval_n > 0 and (self.step % c.log_every == 0 or self.step == c.max_steps)
+        last_saved = -1 if pending else self.step
         try:
-            while self.step < stop:
-                self._interval_loss += self.train_step()
-                self._interval_n += 1
-                timed_n += 1
-                if bar is not None:
-                    bar.update(1)
+            while pending or self.step < stop:
+                if not pending:
+                    self._interval_loss += self.train_step()
+                    self._interval_n += 1
+                    timed_n += 1
+                    if bar is not None:
+                        bar.update(1)
+                pending = False
                 last = self.step == c.max_steps  # an early stop (until_step) logs nothing extra: resume stays exact
                 if self.step % c.log_every == 0 or last:
                     train_loss = self._mean_across_ranks(self._interval_loss / self._interval_n)
                     dt = time.perf_counter() - t0
                     rec = {"step": self.step, "loss": train_loss, "lr": self.schedule(self.step - 1),
-                           "tokens": self.step * tokens_per_step, "tokens_per_s": timed_n * tokens_per_step / dt}
+                           "tokens": self.step * tokens_per_step,
+                           "tokens_per_s": timed_n * tokens_per_step / dt if timed_n else None}
                     if c.eval_every and (self.step % c.eval_every == 0 or last):
                         eval_loss = self.evaluate()
                         if eval_loss is not None:
                             rec.update(eval_loss=eval_loss, eval_ppl=math.exp(eval_loss))
-                    self._log(rec)
+                    with _ctrl_c_held():  # the line and the reset land together: a resume logs the step once
+                        self._log(rec)
+                        self._interval_loss.zero_()
+                        self._interval_n = 0
                     history.append(rec)
                     if bar is not None:
                         bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{rec['lr']:.2e}")
-                    self._interval_loss.zero_()
-                    self._interval_n = 0
                     timed_n, t0 = 0, time.perf_counter()
                 if c.save_every and self.step % c.save_every == 0:
                     self.save_checkpoint(interval=self._interval_state(collective=True))
