@@ -3,7 +3,7 @@ import json
 import pytest
 
 from lmlab.errors import DataError
-from lmlab.io import atomic_dir, read_manifest, write_json_atomic, write_manifest
+from lmlab.io import atomic_dir, existing_artefact, read_manifest, write_json_atomic, write_manifest
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):
@@ -94,3 +94,22 @@ def test_atomic_dir_repairs_a_replace_killed_between_its_renames(tmp_path):
     with pytest.raises(RuntimeError), atomic_dir(final):
         raise RuntimeError("this build fails")
     assert (final / "v").read_text() == "1" and not old.exists()
+
+
+def test_existing_artefact_allows_only_an_earlier_one_of_its_kind(tmp_path):
+    assert existing_artefact(tmp_path / "absent", "thing") is None
+    (tmp_path / "empty").mkdir()
+    assert existing_artefact(tmp_path / "empty", "thing") is None
+    with atomic_dir(tmp_path / "mine") as tmp:
+        write_manifest(tmp, {"kind": "thing"})
+    assert existing_artefact(tmp_path / "mine", "thing")["kind"] == "thing"
+    with pytest.raises(DataError, match="is not a other thing: writing there would delete it"):
+        existing_artefact(tmp_path / "mine", "other", what="other thing")
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "notes.txt").write_text("keep")
+    with pytest.raises(DataError, match="not a thing"):
+        existing_artefact(tmp_path / "user", "thing")
+    assert existing_artefact(tmp_path / "user", "thing", ignore={"notes.txt"}) is None
+    (tmp_path / "mine" / "manifest.json").write_text("{")
+    with pytest.raises(DataError, match="; fix it first"):
+        existing_artefact(tmp_path / "mine", "thing", broken_hint="; fix it first")

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from lmlab.errors import DataError
@@ -76,6 +77,27 @@ def atomic_dir(final: str | os.PathLike):
         if old.is_dir() and not final.exists():  # interrupted between the two renames
             os.replace(old, final)
         raise
+
+
+def existing_artefact(folder: str | os.PathLike, kind: str, *, what: str | None = None, ignore: Iterable[str] = (),
+                      broken_hint: str = "") -> dict | None:
+    """Check ``folder`` before an :func:`atomic_dir` replaces it, whole: the manifest there if it is an earlier
+    ``kind`` (a rebuild), None if ``folder`` is absent or empty (``ignore``: names that do not count, e.g. a lock
+    file). Anything else is refused with :class:`DataError`, as that folder is not ours to delete; ``what`` names
+    the kind for people, and ``broken_hint`` is appended when ``folder`` has a manifest that cannot be read."""
+    folder = Path(folder)
+    ignore = set(ignore)
+    if not folder.exists() or (folder.is_dir() and not any(p.name not in ignore for p in folder.iterdir())):
+        return None
+    if folder.is_dir() and (folder / MANIFEST).is_file():
+        try:
+            manifest = read_manifest(folder)
+        except DataError as e:
+            raise DataError(f"{e}{broken_hint}") from None
+        if manifest.get("kind") == kind:
+            return manifest
+    raise DataError(f"{folder} exists and is not a {what or kind}: writing there would delete it; choose another "
+                    "output folder (or remove it yourself)")
 
 
 def write_manifest(folder: str | os.PathLike, info: dict, *, checksum: bool = True) -> dict:

@@ -178,7 +178,8 @@ def test_save_refuses_to_replace_a_folder_that_is_not_a_catalogue(tmp_path, caps
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and (mine / "notes.txt").exists()
     assert [ln for ln in err.splitlines() if ln.startswith("lmlab: error:")] == [
-        f"lmlab: error: {mine} exists and is not a tool catalogue (it would be replaced): choose another folder"]
+        f"lmlab: error: {mine} exists and is not a tool catalogue: writing there would delete it; choose another "
+        "output folder (or remove it yourself)"]
     empty = tmp_path / "empty"
     empty.mkdir()
     save_catalog(tools, empty, info={})  # an empty folder, or an earlier catalogue, is replaced

@@ -68,6 +68,7 @@ from lmlab.io import (
     write_json_atomic,
     write_manifest,
 )
+from lmlab.io import existing_artefact as io_existing_artefact
 
 KIND = "silo-datastore"
 SHARD_KIND = "silo-datastore-shard"
@@ -502,18 +503,8 @@ def folder_lock(folder: Path):
 def existing_artefact(out: Path, kind: str) -> dict | None:
     """The manifest at ``out`` if it is a ``kind`` (a rebuild, which keeps its opt-outs); None if ``out`` is absent
     or an empty folder. Anything else is refused: a build replaces ``out``, and that folder is not ours to delete."""
-    if not out.exists() or (out.is_dir() and not any(p.name != LOCK for p in out.iterdir())):
-        return None
-    if out.is_dir() and (out / MANIFEST).is_file():
-        try:
-            manifest = read_manifest(out)
-        except DataError as e:
-            raise DataError(f"{e}; its opt-outs cannot be kept through a rebuild: fix or remove {out} "
-                            "first") from None
-        if manifest.get("kind") == kind:
-            return manifest
-    raise DataError(f"{out} exists and is not a {kind}: a build there would delete it; choose another output "
-                    "folder (or remove it yourself)")
+    return io_existing_artefact(out, kind, ignore={LOCK}, broken_hint=f"; its opt-outs cannot be kept through a "
+                                f"rebuild: fix or remove {out} first")
 
 
 def carried_tombstones(out: Path, kind: str, hold: contextlib.ExitStack) -> dict:

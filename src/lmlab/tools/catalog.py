@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lmlab.errors import DataError
-from lmlab.io import MANIFEST, atomic_dir, check_sizes, read_manifest, write_manifest
+from lmlab.io import atomic_dir, check_sizes, existing_artefact, read_manifest, write_manifest
 
 RECORDS = "tools.jsonl"
 FORMAT_VERSION = 1
@@ -164,24 +164,13 @@ def record_line(tool: Tool) -> str:
     return json.dumps(tool.to_json(), sort_keys=True) + "\n"
 
 
-def check_replaceable(folder: str | Path, kind: str, what: str) -> None:
-    """Refuse to write over ``folder`` unless it is missing, empty, or an earlier artefact of ``kind``:
-    :func:`~lmlab.io.atomic_dir` replaces the whole folder, whatever it holds."""
-    folder = Path(folder)
-    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
-        return
-    m = read_manifest(folder) if (folder / MANIFEST).is_file() else {}
-    if not isinstance(m, dict) or m.get("kind") != kind:
-        raise DataError(f"{folder} exists and is not a {what} (it would be replaced): choose another folder")
-
-
 def save_catalog(tools: Iterable[Tool], out: str | Path, *, info: dict) -> Catalog:
     """Write a catalogue folder (``tools.jsonl`` + ``manifest.json``) atomically and return it; an existing
     ``out`` is replaced only if it is an earlier catalogue (or empty)."""
     catalog = Catalog(tools)
     if not catalog.tools:
         raise DataError(f"nothing to write to {out}: the ingester found no tools (check the input path)")
-    check_replaceable(out, "tool-catalog", "tool catalogue")
+    existing_artefact(out, "tool-catalog", what="tool catalogue")  # refuse to replace another folder
     with atomic_dir(out) as tmp:
         with open(tmp / RECORDS, "w") as f:
             for t in catalog.tools:

@@ -199,13 +199,12 @@ class DenseRetriever:
         The encoder must still be the one that computed the embeddings (one fine-tuned in place since is
         refused: build a new retriever with it), and ``folder`` must be missing, empty or an earlier index.
         """
-        from lmlab.io import atomic_dir, write_manifest
-        from lmlab.tools.catalog import check_replaceable
+        from lmlab.io import atomic_dir, existing_artefact, write_manifest
 
         if not _same_probe(self._probe(), self.probe):
             raise ManifestMismatchError("the encoder changed since these embeddings were computed (fine-tuned in "
                                         "place?): build a new DenseRetriever with it, then save that")
-        check_replaceable(folder, "tool-dense-index", "dense tool index")
+        existing_artefact(folder, "tool-dense-index", what="dense tool index")
         with atomic_dir(folder) as tmp:
             np.save(tmp / "xb.npy", self.xb)
             write_manifest(tmp, {"kind": "tool-dense-index", "catalog": _fingerprint(self.catalog),
