@@ -177,3 +177,17 @@ def test_retrieve_with_an_existing_index_uses_the_given_model(catalog, tmp_path,
     rc = main(["tools", "retrieve", str(catalog), "list things", "--method", "dense", "--index", str(index),
                "--model", "my-model"])
     assert rc == 2 and seen["encoder"] == "encoder:my-model" and "checked" in capsys.readouterr().err
+
+
+def test_retrieve_refuses_a_foreign_index_folder_before_encoding(catalog, tmp_path, monkeypatch, capsys):
+    """A --index folder that is not an index is refused at once, not after the catalogue has been encoded."""
+    import lmlab.tools.retrieve as retrieve
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    built = []
+    monkeypatch.setattr(retrieve.DenseRetriever, "__init__", lambda self, *a, **k: built.append(1))
+    rc = main(["tools", "retrieve", str(catalog), "list things", "--method", "dense", "--index", str(mine)])
+    assert rc == 2 and built == [] and (mine / "notes.txt").read_text() == "keep me"
+    assert "is not a dense tool index" in capsys.readouterr().err

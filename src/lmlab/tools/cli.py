@@ -121,6 +121,10 @@ def retrieve_command(catalog, request, method, k, index, model):
     elif index and Path(index, "manifest.json").is_file():  # --model is checked against the index's own model
         r = DenseRetriever.load(index, cat, encoder=load_minilm(model) if model else None)
     else:
+        if index:  # refuse a folder that is not an index now, not after minutes of encoding
+            from lmlab.io import existing_artefact
+
+            existing_artefact(index, "tool-dense-index", what="dense tool index")
         r = DenseRetriever(cat, DenseConfig(model=model), progress=True)
         if index:
             r.save(index)
