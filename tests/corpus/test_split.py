@@ -112,3 +112,19 @@ def test_a_tiny_corpus_warns_about_empty_splits_and_an_empty_one_is_an_error(tmp
     CorpusWriter(empty).close()
     with pytest.raises(DataError, match="no documents"):
         split_corpus(empty, tmp_path / "s2")
+
+
+def test_splitting_a_corpus_with_unfinished_sources_warns(tmp_path, caplog):
+    corpus = tmp_path / "c"
+    with CorpusWriter(corpus) as w:
+        for i, origin in enumerate(("done", "half")):
+            w.add(Document.create(f"document {i} " * 5, f"src:{i}", LICENSES[0], group=f"pkg-{i}", origin=origin))
+        w.finish_source("done")
+    logger = logging.getLogger("lmlab.corpus")  # the CLI tests may have stopped it propagating to caplog's root
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger="lmlab.corpus"):
+            split_corpus(corpus, tmp_path / "s")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "sources not yet complete (half)" in caplog.text

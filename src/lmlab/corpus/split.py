@@ -98,6 +98,11 @@ def split_corpus(corpus_dir: str | os.PathLike, out: str | os.PathLike, *, confi
     """Write ``out/{train,validation,test}`` corpora from ``corpus_dir`` (see the module docstring)."""
     corpus = Corpus(corpus_dir)
     _check_out(Path(corpus_dir), Path(out))
+    unfinished = sorted(o for o, st in corpus.manifest.get("sources", {}).items() if st.get("status") != "complete")
+    if unfinished:  # groups are placed by bytes, so the groups still to come would move others
+        log.warning("%s has sources not yet complete (%s): re-run its `lmlab corpus build` first, or this split "
+                    "will differ from one made after it", corpus_dir, ", ".join(unfinished[:3])
+                    + (f" and {len(unfinished) - 3} more" if len(unfinished) > 3 else ""))
     group_bytes: Counter[str] = Counter()
     class_bytes: dict[str, Counter[str]] = defaultdict(Counter)
     for batch in corpus.batches(["group", "license_class", "text"]):
