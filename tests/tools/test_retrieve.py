@@ -219,6 +219,21 @@ def test_an_interrupted_finetune_leaves_the_encoder_in_eval_mode(tmp_path, monke
     assert not encoder.training
 
 
+def test_a_diverged_finetune_gives_back_the_encoder_as_it_was(tmp_path):
+    import torch
+
+    import lmlab.tools.retrieve as retrieve
+    from lmlab.errors import DataError
+
+    encoder = _tiny_sentence_encoder(tmp_path)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    pairs = [(f"{a} widgets", f"{b} thaw") for a, b in zip(WORDS[:8], WORDS[8:16], strict=True)]
+    with pytest.raises(DataError, match="diverged"):
+        retrieve.finetune_mnr(encoder, pairs, retrieve.MNRConfig(batch_size=4, lr=1e30, epochs=3))
+    after = encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_a_dense_index_is_refused_for_an_in_memory_catalogue_with_other_documents(tmp_path):
     """An in-memory catalogue was fingerprinted by its tool names only: an index saved for it loaded silently for
     another catalogue with the same names and other descriptions (stale embeddings)."""

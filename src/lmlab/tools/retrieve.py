@@ -388,6 +388,7 @@ def finetune_mnr(encoder, pairs: list[tuple[str, str]], config: MNRConfig = MNRC
         from tqdm import tqdm
 
         it = tqdm(batches, desc="MNR fine-tuning", unit="step")
+    start = {k: v.detach().clone() for k, v in encoder.state_dict().items()}  # restored if the loss diverges
     encoder.train()
     try:
         for batch in it:
@@ -402,7 +403,9 @@ def finetune_mnr(encoder, pairs: list[tuple[str, str]], config: MNRConfig = MNRC
             sched.step()
             losses.append(float(loss.detach()))
             if not math.isfinite(losses[-1]):
-                raise DataError("the MNR loss diverged (not finite): lower the learning rate")
+                encoder.load_state_dict(start)  # the caller's encoder is not left with non-finite weights
+                raise DataError("the MNR loss diverged (not finite): lower the learning rate (the encoder's "
+                                "weights are as they were before fine-tuning)")
             if on_checkpoint is not None and len(losses) in checkpoints:
                 encoder.eval()
                 on_checkpoint(len(losses))
