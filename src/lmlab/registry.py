@@ -52,8 +52,8 @@ TECHNIQUES: tuple[Technique, ...] = (
     _t("soft-moe", "From Sparse to Soft Mixtures of Experts", "2308.00951",
        "moe", "lmlab.moe.soft_moe", "lmlab moe train --mlp soft", "recipes/soft_moe.py", "works",
        "Soft MoE, token- and expert-choice layers in a ViT; claim not reproduced on Fashion-MNIST; "
-       "Soft MoE fwd+bwd 1.35x dense at batch 16 (median within-round ratio, 1.34-1.35 over three runs; "
-       "target 1.3x; its expert bank alone 1.08-1.13x), 1.23-1.26x at batch 32 and 64"),
+       "Soft MoE fwd+bwd 1.29-1.35x dense at batch 16 over runs on two days (median within-round ratio; "
+       "target 1.3x; its expert bank alone 1.08-1.13x), 1.22-1.27x at batch 32 and 64"),
     _t("gist", "GIST: Generating Image-Specific Text for Fine-grained Object Classification", "2307.11315",
        "vision", "lmlab.vision.gist", "", "", "planned",
        "needs a vision-language model; no CLIP weights are installable offline here"),
@@ -89,8 +89,9 @@ TECHNIQUES: tuple[Technique, ...] = (
     _t("pregated-moe", "Pre-gated MoE: An Algorithm-System Co-Design for Fast and Scalable Mixture-of-Expert "
        "Inference", "2308.12066", "moe", "lmlab.moe.offload", "lmlab moe generate", "recipes/pregated.py", "works",
        "pre-gated MoE LM + offloaded engine (one-pass prefill, mixed-length batches, a copy process for CPU "
-       "prefetches); emulated PCIe-like link: 1.7x faster than on-demand at 2x active-expert memory, but "
-       "1.08-1.30x resident latency across runs on the 2-core VM (target 1.25x); H100, 33.6 MB experts: 1.32x"),
+       "prefetches, each expert run as it arrives); emulated PCIe-like link: 1.12-1.19x resident latency "
+       "(target 1.25x), 1.6x faster than on-demand at 2x active-expert memory; H100 runs predate engine "
+       "revision 2 (33.6 MB experts: 1.32x) and are not yet re-run"),
     _t("eve", "EVE: Efficient Vision-Language Pre-training with Masked Prediction and Modality-Aware MoE",
        "2308.11971", "moe", "lmlab.moe.modality_moe", "", "", "planned"),
     _t("curriculum-adam", "Curriculum Learning with Adam: The Devil Is in the Wrong Details", "2308.12202",
