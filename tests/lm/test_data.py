@@ -118,3 +118,22 @@ def test_a_rebuild_interrupted_between_its_two_renames_leaves_no_mix_of_builds(t
     assert data.TokenShards(tmp_path / "tok" / "validation").manifest["source"] == "new"
     with pytest.raises(DataError, match="did not finish"):
         data.TokenShards(tmp_path / "tok" / "train")
+
+
+def test_shards_never_replace_a_split_folder_holding_other_files(tmp_path, capsys):
+    """`lmlab lm tokenize --data DIR --out DIR` with the text in DIR/train: the text was deleted by the build."""
+    from lmlab.cli import main
+
+    root = tmp_path / "mydata"
+    (root / "train").mkdir(parents=True)
+    (root / "train" / "a.txt").write_text("some text to keep " * 50)
+    code = main(["lm", "tokenize", "--data", str(root), "--tokenizer", "tiny:micro", "--out", str(root)])
+    err = capsys.readouterr().err
+    assert code == 2 and "not token shards" in err and len(err.strip().splitlines()) == 1, err
+    assert (root / "train" / "a.txt").is_file() and not (root / "validation").exists()
+    out = tmp_path / "shards"  # an earlier build, even one whose manifest a rebuild retired, is replaced
+    tok = tokenizer.byte_tokenizer()
+    data.build_token_shards(["text " * 40] * 20, tok, out, validation_fraction=0.2)
+    (out / "train" / "manifest.json").unlink()
+    data.build_token_shards(["other " * 40] * 20, tok, out, validation_fraction=0.2)
+    assert data.TokenShards(out / "train").manifest["documents"] > 0

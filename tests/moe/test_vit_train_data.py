@@ -142,3 +142,22 @@ def test_cli_train_refuses_bad_sizes_in_one_line(fake_fmnist, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert code == 2 and why in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_cli_train_refuses_an_out_folder_that_is_not_a_model_before_training(fake_fmnist, tmp_path, capsys):
+    """--out is replaced by the saved model: a folder holding anything else is refused, and before training."""
+    from lmlab.cli import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    code = main(["moe", "train", "--data", str(fake_fmnist), "--val-size", "20", "--steps", "2", "--batch-size", "8",
+                 "--dim", "16", "--depth", "2", "--heads", "2", "--patch-size", "7", "--out", str(mine)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not a saved ViT" in err and len(err.strip().splitlines()) == 1, err
+    assert (mine / "notes.txt").read_text() == "keep me"
+    model = ViT(ViTConfig(dim=16, depth=1, heads=2, mlp_hidden=32, patch_size=7))
+    with pytest.raises(DataError, match="is not a saved ViT"):
+        save_model(model, mine)
+    save_model(model, tmp_path / "ckpt")
+    save_model(model, tmp_path / "ckpt")  # an earlier saved ViT is replaced

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,22 @@ def _in_validation(text: str, fraction: float) -> bool:
     return (h / 2**64) < fraction
 
 
+SHARD_RE = re.compile(r"^shard-\d{5}\.bin$")
+
+
+def _check_replaceable(folder: Path) -> None:
+    """:func:`build_token_shards` replaces ``out/train`` and ``out/validation`` whole: only folders of its own
+    (shard files and a manifest, from an earlier or an interrupted build) may be replaced, never other files
+    (e.g. the text being tokenized, when ``--out`` is the data folder)."""
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder} exists and is not a folder: choose another output folder")
+    if folder.is_dir():
+        foreign = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST and not SHARD_RE.match(p.name))
+        if foreign:
+            raise DataError(f"{folder} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, not "
+                            "token shards: writing shards there would delete them; choose another output folder")
+
+
 def build_token_shards(texts: Iterable[str], tokenizer, out_dir: str | os.PathLike, *,
                        validation_fraction: float = 0.05, shard_tokens: int = 1 << 24,
                        batch_docs: int = 256, source: str = "") -> dict[str, Path]:
@@ -93,6 +110,8 @@ def build_token_shards(texts: Iterable[str], tokenizer, out_dir: str | os.PathLi
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token to separate documents")
+    for s in SPLITS:  # refuse before tokenizing anything
+        _check_replaceable(out_dir / s)
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.uint32
     fp = tokenizer_fingerprint(tokenizer)
     buffers = {s: [] for s in SPLITS}

@@ -49,7 +49,14 @@ def train_cmd(kind, ewa, ewa_beta, num_experts, moe_layers, capacity_factor, k, 
     from lmlab.moe.data import load_fashion_mnist
     from lmlab.moe.ewa import collapse_experts
     from lmlab.moe.layers import MoEConfig
-    from lmlab.moe.train import TrainConfig, evaluate, save_model, train_classifier, train_config_dict
+    from lmlab.moe.train import (
+        TrainConfig,
+        check_model_folder,
+        evaluate,
+        save_model,
+        train_classifier,
+        train_config_dict,
+    )
     from lmlab.moe.vit import ViT, ViTConfig
 
     if threads:
@@ -58,6 +65,7 @@ def train_cmd(kind, ewa, ewa_beta, num_experts, moe_layers, capacity_factor, k, 
         kind = "ewa"
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed,  # checked before the data loads
                          ewa_beta=ewa_beta if kind == "ewa" else 0.0)
+    check_model_folder(out)  # before training: --out is replaced at the end, and only an earlier model may be
     data = load_fashion_mnist(data_root, val_size=val_size, seed=seed, train_size=train_size)
     moe = None if kind == "dense" else MoEConfig(kind=kind, num_experts=num_experts, capacity_factor=capacity_factor,
                                                  k=k)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import ConfigError, DataError, ManifestMismatchError
-from lmlab.io import atomic_dir, read_manifest, write_manifest
+from lmlab.io import atomic_dir, existing_artefact, read_manifest, write_manifest
 from lmlab.lm.schedules import Schedule
 from lmlab.moe.data import ImageSplit
 from lmlab.moe.ewa import ewa_update_
@@ -123,14 +123,25 @@ def evaluate(model: nn.Module, data: ImageSplit, *, batch_size: int = 1000) -> f
     return correct / max(1, len(data))
 
 
+KIND = "lmlab.moe.vit"
+
+
+def check_model_folder(folder: str | Path) -> None:
+    """Refuse a ``folder`` that :func:`save_model` must not replace: only a missing or empty one, or an earlier
+    saved ViT, is replaced (call it before training, so the refusal does not come after the work)."""
+    existing_artefact(folder, KIND, what="saved ViT")
+
+
 def save_model(model: ViT, folder: str | Path, *, info: dict | None = None) -> Path:
-    """Write ``folder`` atomically: model.safetensors + manifest.json (config, ``info``, checksums)."""
+    """Write ``folder`` atomically: model.safetensors + manifest.json (config, ``info``, checksums); an existing
+    ``folder`` is replaced only if it is an earlier saved ViT (or empty)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
+    check_model_folder(folder)
     with atomic_dir(folder) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-        write_manifest(tmp, {"kind": "lmlab.moe.vit", "vit_config": model.config.to_dict(), **(info or {})})
+        write_manifest(tmp, {"kind": KIND, "vit_config": model.config.to_dict(), **(info or {})})
     return folder
 
 
@@ -139,7 +150,7 @@ def load_model(folder: str | Path) -> tuple[ViT, dict]:
     from safetensors.torch import load_file
 
     manifest = read_manifest(folder, verify=True)
-    if manifest.get("kind") != "lmlab.moe.vit":
+    if manifest.get("kind") != KIND:
         raise ManifestMismatchError(f"{folder} is not an lmlab.moe ViT checkpoint (kind={manifest.get('kind')!r})")
     model = ViT(ViTConfig(**manifest["vit_config"]))
     model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
