@@ -327,3 +327,22 @@ def test_a_fresh_run_over_an_old_one_never_resumes_the_old_checkpoints(tmp_path,
     monkeypatch.undo()
     assert latest_checkpoint(tmp_path / "run").name == "step-00000005"
     assert _trainer(tmp_path / "run", shards, cfg=replace(CFG, seed=8)).step == 5
+
+
+def test_a_run_folder_whose_model_subfolder_is_someone_elses_is_refused_before_training(tmp_path, shards):
+    from lmlab.errors import DataError
+
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "model" / "weights.bin").write_bytes(b"mine")
+    with pytest.raises(DataError, match="is not a model exported by a run"):
+        _trainer(tmp_path / "run", shards)
+    assert (tmp_path / "run" / "model" / "weights.bin").read_bytes() == b"mine"
+
+
+def test_a_fresh_run_deletes_only_its_own_kind_of_checkpoints(tmp_path, shards):
+    cfg = replace(CFG, max_steps=4, eval_every=0)
+    _trainer(tmp_path / "run", shards, cfg=cfg).fit()
+    (tmp_path / "run" / "checkpoints" / "notes.txt").write_text("keep me")
+    t = _trainer(tmp_path / "run", shards, cfg=cfg, resume=False)
+    assert t.step == 0 and latest_checkpoint(tmp_path / "run") is None
+    assert (tmp_path / "run" / "checkpoints" / "notes.txt").read_text() == "keep me"

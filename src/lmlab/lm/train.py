@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import CheckpointError, ConfigError, first_line
-from lmlab.io import atomic_dir, read_manifest, write_bytes_atomic, write_manifest
+from lmlab.io import atomic_dir, existing_artefact, read_manifest, write_bytes_atomic, write_manifest
 from lmlab.lm.data import TokenShards, tokenizer_fingerprint
 from lmlab.lm.schedules import Schedule
 from lmlab.lm.score import eval_mode
@@ -225,7 +225,11 @@ class Trainer:
         if resume and (ckpt := latest_checkpoint(self.out_dir)) is not None:
             self._load(ckpt)
         elif not resume and self.dist.is_main:  # starting over: an old run's later steps would outrank this run's
-            shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)  # checkpoints in pruning and resume
+            ckpts = self.out_dir / "checkpoints"  # checkpoints in pruning and resume (only ours are deleted)
+            for old in (p for p in ckpts.iterdir() if CKPT_RE.match(p.name)) if ckpts.is_dir() else ():
+                shutil.rmtree(old, ignore_errors=True)
+        if self.dist.is_main:  # export() replaces out_dir/model at the end: refuse a folder of someone else's now
+            existing_artefact(self.out_dir / "model", "model", what="model exported by a run")
         if self.dist.is_main:  # also at step 0: a run that died before its first checkpoint left lines
             self._truncate_metrics(self.step)
 
