@@ -61,3 +61,13 @@ def store(tiny, docs, small_config, tmp_path):
     from lmlab.silo import build_datastore
 
     return build_datastore(docs, tiny, tmp_path / "ds", small_config, progress=False)
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.fixture
+def disk_full():
+    """A stand-in for a write that fails because the disk is full (monkeypatch it over write_json_atomic)."""
+    return _no_space

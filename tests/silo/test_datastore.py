@@ -351,15 +351,12 @@ def test_an_interrupted_refresh_of_a_rebuilt_folder_is_redone_whole(store, tiny,
     np.testing.assert_array_equal(store.search(xq, 4).I, rebuilt.search(xq, 4).I)
 
 
-def test_a_failed_optout_leaves_the_object_as_the_folder_is(store, tiny, monkeypatch):
+def test_a_failed_optout_leaves_the_object_as_the_folder_is(store, tiny, monkeypatch, disk_full):
     import lmlab.silo.datastore as datastore
 
     planted = [d.id for d in store.docs].index("planted")
     xq = np.asarray(store.keys[np.flatnonzero(store.doc == planted)], np.float32)
     live = len(store)
-
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as m:
         m.setattr(datastore, "write_json_atomic", disk_full)

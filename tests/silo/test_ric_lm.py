@@ -90,11 +90,8 @@ def test_an_interrupted_refresh_of_a_rebuilt_index_is_redone_whole(ric, docs, ti
     assert ric.retrieve(["package p1 prints lines"], 5) == rebuilt.retrieve(["package p1 prints lines"], 5)
 
 
-def test_a_failed_optout_leaves_the_index_as_its_folder_is(ric, monkeypatch):
+def test_a_failed_optout_leaves_the_index_as_its_folder_is(ric, monkeypatch, disk_full):
     import lmlab.silo.ric_lm as ric_lm
-
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as m:
         m.setattr(ric_lm, "write_json_atomic", disk_full)

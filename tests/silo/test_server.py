@@ -116,7 +116,8 @@ def test_server_sees_an_optout_made_by_another_process(served, tiny, planted_tex
     assert Datastore.load(service.datastore.folder, tiny).removed_docs.sum() == 2  # neither overwrote the other
 
 
-def test_a_failed_optout_is_audited_answered_in_json_and_can_be_retried(store, tiny, docs, tmp_path, monkeypatch):
+def test_a_failed_optout_is_audited_answered_in_json_and_can_be_retried(store, tiny, docs, tmp_path, monkeypatch,
+                                                                        disk_full):
     import lmlab.silo.datastore as datastore
     import lmlab.silo.ric_lm as ric_lm
     from lmlab.silo.ric_lm import RicLM
@@ -124,9 +125,6 @@ def test_a_failed_optout_is_audited_answered_in_json_and_can_be_retried(store, t
     ric = RicLM.build(docs, tiny.tokenizer, tmp_path / "ric", block_tokens=32)
     service = SiloService(tiny, store, KnnLMConfig(k=16, lmbda=0.5), ric=ric, audit_log=tmp_path / "audit.jsonl")
     auth = {"Authorization": f"Bearer {TOKEN}"}
-
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
 
     with serve_in_thread(create_app(service, admin_token=TOKEN)) as url:
         for module in (datastore, ric_lm):  # the datastore's write fails; then, the datastore done, the RIC's

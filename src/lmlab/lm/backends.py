@@ -51,6 +51,7 @@ Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content":
 NEUTRAL_DECODING = dict(repetition_penalty=1.0, no_repeat_ngram_size=0)
 NEUTRAL_SAMPLING = dict(top_k=0, top_p=1.0, typical_p=1.0, min_p=0.0)  # pure temperature sampling
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS): logits divided by a tiny one overflow to inf.
+# The local backend, serve-lm and the kNN-LM sampler share it.
 GREEDY_BELOW = 1e-5
 
 

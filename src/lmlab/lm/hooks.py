@@ -194,13 +194,11 @@ def modify(model: nn.Module, edits: Mapping[str, Callable[[torch.Tensor], torch.
         yield
 
 
-def _positions_within(positions: Positions, t: int) -> slice | list[int]:
-    """``positions`` restricted to the ones a length-``t`` axis has (slices clip by themselves)."""
+def _as_positions(positions: Positions) -> slice | list[int]:
+    """A slice as it is; an int, list or tensor of ints as a list (converted once, not on every forward call)."""
     if isinstance(positions, slice):
         return positions
-    if isinstance(positions, int):
-        positions = [positions]
-    return [p for p in (int(p) for p in torch.as_tensor(positions).flatten().tolist()) if -t <= p < t]
+    return [int(p) for p in torch.as_tensor(positions).flatten().tolist()]
 
 
 @contextlib.contextmanager
@@ -216,12 +214,14 @@ def add_vector(model: nn.Module, name: str, vector: torch.Tensor, *, positions: 
     if vector.dim() != 1:
         raise ConfigError(f"add_vector needs a 1-D (D,) vector; got shape {tuple(vector.shape)}")
     delta = coeff * vector.detach()
+    wanted = _as_positions(positions)
 
     def steer(hidden: torch.Tensor) -> torch.Tensor:
         if hidden.dim() != 3 or hidden.shape[-1] != delta.shape[0]:
             raise ConfigError(f"add_vector: {name!r} gives shape {tuple(hidden.shape)}, expected (B, T, "
                               f"{delta.shape[0]}): pick a module whose output is the hidden states")
-        at = _positions_within(positions, hidden.shape[1])
+        t = hidden.shape[1]  # a slice clips by itself; listed positions this call does not have are skipped
+        at = wanted if isinstance(wanted, slice) else [p for p in wanted if -t <= p < t]
         hidden = hidden.clone()
         hidden[:, at] += delta.to(device=hidden.device, dtype=hidden.dtype)
         return hidden

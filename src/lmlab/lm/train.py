@@ -151,13 +151,16 @@ def _corrupt(ckpt: Path, error: Exception) -> CheckpointError:
                            "previous checkpoint, if any")
 
 
+def _step_folders(out_dir: str | os.PathLike) -> list[Path]:
+    """The ``checkpoints/step-NNNNNNNN`` folders under ``out_dir``, oldest first (complete or not; nothing else)."""
+    root = Path(out_dir) / "checkpoints"
+    return sorted(p for p in root.iterdir() if CKPT_RE.match(p.name)) if root.is_dir() else []
+
+
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     """The highest-step complete checkpoint (one with a manifest) under ``out_dir/checkpoints``."""
-    root = Path(out_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    done = [p for p in root.iterdir() if CKPT_RE.match(p.name) and (p / "manifest.json").is_file()]
-    return max(done, key=lambda p: int(CKPT_RE.match(p.name).group(1))) if done else None
+    done = [p for p in _step_folders(out_dir) if (p / "manifest.json").is_file()]
+    return done[-1] if done else None
 
 
 def _line_step(line: str) -> int | None:
@@ -225,13 +228,12 @@ class Trainer:
         if resume and (ckpt := latest_checkpoint(self.out_dir)) is not None:
             self._load(ckpt)
         elif not resume and self.dist.is_main:  # starting over: an old run's later steps would outrank this run's
-            ckpts = self.out_dir / "checkpoints"  # checkpoints in pruning and resume (only ours are deleted)
-            for old in (p for p in ckpts.iterdir() if CKPT_RE.match(p.name)) if ckpts.is_dir() else ():
+            for old in _step_folders(self.out_dir):  # checkpoints in pruning and resume (only ours are deleted)
                 shutil.rmtree(old, ignore_errors=True)
-        if self.dist.is_main:  # export() replaces out_dir/model at the end: refuse a folder of someone else's now
+        if self.dist.is_main:
+            # export() replaces out_dir/model at the end: refuse a folder of someone else's now
             existing_artefact(self.out_dir / "model", "model", what="model exported by a run")
-        if self.dist.is_main:  # also at step 0: a run that died before its first checkpoint left lines
-            self._truncate_metrics(self.step)
+            self._truncate_metrics(self.step)  # also at step 0: a run that died before its first checkpoint left lines
 
     # ----- setup -------------------------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -321,8 +323,7 @@ class Trainer:
             write_manifest(tmp, {"kind": "checkpoint", "step": self.step, "config": asdict(self.config),
                                  "train_data": str(self.train_data.folder),
                                  "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer)}, checksum=False)
-        ckpts = sorted(p for p in final.parent.iterdir() if CKPT_RE.match(p.name))
-        for old in ckpts[:-max(1, self.config.keep_checkpoints)]:
+        for old in _step_folders(self.out_dir)[:-max(1, self.config.keep_checkpoints)]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 

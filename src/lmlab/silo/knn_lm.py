@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from lmlab.errors import ConfigError, DataError
+from lmlab.lm.backends import GREEDY_BELOW  # a sampling temperature below it decodes greedily (lp / T overflows)
 
-GREEDY_BELOW = 1e-5  # a sampling temperature below this decodes greedily (lp / T would overflow to all -inf)
 K_GRID = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # silo-lm ks = [128, ..., 4096]; 16-64 added
 TEMPERATURE_GRID = (0.5, 0.8, 0.9, 1.0, 2.0, 3.0, 4.0, 5.0,  # silo-lm, exact scores
                     10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0)  # silo-lm, approximate scores

