@@ -90,6 +90,23 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def h2d_gbps(nbytes: int, device: str, repeats: int = 20) -> float:
+    """Speed of the cuda tier's link: one expert's bytes copied from pinned host memory to the GPU on a side
+    stream, as the tier's loads are, timed by CUDA events (median of ``repeats`` after 3 warm-ups), in GB/s."""
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    stream, times = torch.cuda.Stream(device), []
+    with torch.cuda.stream(stream):
+        for _ in range(repeats + 3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            dst.copy_(src, non_blocking=True)
+            end.record(stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    return nbytes / statistics.median(times[3:]) / 1e9
+
+
 def paired(res: dict, a: str, b: str) -> float:
     """Median over rounds of a's latency / b's in the same round (rounds run every variant back to back, so a
     ratio within a round cancels the slow drifts of a shared machine that a ratio of medians keeps)."""
@@ -238,6 +255,15 @@ def main() -> None:
         if tier_name == "link":
             res["_tier"].update(ratio=args.link_ratio, gbps=statistics.median(link["rounds"]),
                                 round_gbps=link["rounds"])
+        if tier_name == "cuda":  # the real link's r (the link tier's knob): a step's expert bytes / resident step
+            gbps = h2d_gbps(expert_bytes, device)  # (per-token latencies: block times are not synchronised on a GPU)
+            step_s = args.layers * active * expert_bytes / gbps / 1e9  # a decode step's expert bytes on the link
+            res["_tier"].update(gbps=gbps, link_s_per_step=step_s,
+                                ratio=step_s / res["resident"]["median_latency_s"],
+                                pregated_over_link=res["pregated"]["median_latency_s"] / step_s)
+            print(f"[cuda] pinned host -> GPU copies: {gbps:.1f} GB/s; a decode step's expert bytes take "
+                  f"{step_s * 1e3:.2f} ms on the link, r = {res['_tier']['ratio']:.2f} x a resident step; "
+                  f"pregated takes {res['_tier']['pregated_over_link']:.2f}x that link time per step", flush=True)
         results["tiers"][tier_name] = res
         print_table(tier_name, res, variants, active, expert_bytes)
 
@@ -293,8 +319,8 @@ def main() -> None:
                           key=lambda r: -r["expert_bytes"])
             ours += "; recorded GPU runs (cuda tier): " + "; ".join(
                 f"{r['env']['gpu']}, {r['expert_bytes'] / 1e6:.1f} MB experts: {r['pregated_over_resident']:.2f}x "
-                f"resident, {r['on_demand_over_pregated']:.2f}x faster than on_demand" + gpu_revision_note(r)
-                for r in runs)
+                f"resident, {r['on_demand_over_pregated']:.2f}x faster than on_demand" + gpu_link_note(r)
+                + gpu_revision_note(r) for r in runs)
             command += (" (CPU tiers); GPU runs: `PYTHONPATH=src python3 benchmarks/pregated.py --preset gpu "
                         "[--expert-hidden 1024]` on a GPU machine, recorded under `gpu`")
             reproduced += "; GPU runs: " + "; ".join(
@@ -340,6 +366,15 @@ def gpu_revision_note(run: dict) -> str:
     revisions were recorded are revision 1)."""
     rev = run.get("engine_revision", 1)
     return "" if rev == ENGINE_REVISION else f" (engine revision {rev}, not yet re-run on revision {ENGINE_REVISION})"
+
+
+def gpu_link_note(run: dict) -> str:
+    """The measured host -> GPU link of a cuda run (runs before it was measured: '')."""
+    t = run.get("tiers", {}).get("cuda", {}).get("_tier", {})
+    if "gbps" not in t:
+        return ""
+    return (f" (link {t['gbps']:.0f} GB/s: a step's expert bytes take r = {t['ratio']:.2f}x a resident step, and "
+            f"pregated {t['pregated_over_link']:.2f}x that link time)")
 
 
 def recorded_gpu(path: str, new_runs: list[str]) -> dict | None:

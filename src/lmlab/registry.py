@@ -89,9 +89,10 @@ TECHNIQUES: tuple[Technique, ...] = (
     _t("pregated-moe", "Pre-gated MoE: An Algorithm-System Co-Design for Fast and Scalable Mixture-of-Expert "
        "Inference", "2308.12066", "moe", "lmlab.moe.offload", "lmlab moe generate", "recipes/pregated.py", "works",
        "pre-gated MoE LM + offloaded engine (one-pass prefill, mixed-length batches, a copy process for CPU "
-       "prefetches, each expert run as it arrives); emulated PCIe-like link: 1.12-1.19x resident latency "
-       "(target 1.25x), 1.6x faster than on-demand at 2x active-expert memory; H100 runs predate engine "
-       "revision 2 (33.6 MB experts: 1.32x) and are not yet re-run"),
+       "prefetches, each expert run as it arrives); emulated PCIe-like link: 1.12-1.21x resident latency "
+       "(target 1.25x), 1.6x faster than on-demand at 2x active-expert memory; H100 (cuda tier, launch-bound "
+       "eager decode): 1.15-1.46x resident with 33.6 MB experts, 1.14-1.15x with 8.4 MB, not faster than "
+       "on-demand"),
     _t("eve", "EVE: Efficient Vision-Language Pre-training with Masked Prediction and Modality-Aware MoE",
        "2308.11971", "moe", "lmlab.moe.modality_moe", "", "", "planned"),
     _t("curriculum-adam", "Curriculum Learning with Adam: The Devil Is in the Wrong Details", "2308.12202",
