@@ -1,7 +1,9 @@
 """Datastore: keys/values/provenance, manifest, resume, shards, refusal of another model, IVF-PQ, opt-out."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,6 +169,46 @@ def test_optout_persists_and_removed_docs_never_come_back(store, tiny):
         again.optout(doc_ids=["no-such-doc"])
     with pytest.raises(ConfigError):
         again.optout()
+
+
+def test_optout_interrupted_after_its_manifest_still_verifies(store, monkeypatch):
+    """Ctrl-C between the manifest write and the index rename: the rename is finished, so --verify passes."""
+    from lmlab.silo import datastore as ds_mod
+
+    real = os.replace  # (os is shared: this also wraps the manifest's atomic write, which passes through)
+    calls = []
+
+    def interrupted(src, dst):
+        if Path(dst).name == "index.faiss":
+            calls.append(dst)
+            if len(calls) == 1:  # the opt-out's rename of the new index: interrupted
+                raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(ds_mod.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.optout(doc_ids=["planted"])
+    monkeypatch.setattr(ds_mod.os, "replace", real)
+    again = Datastore.load(store.folder, verify=True)
+    assert again.removed_docs.sum() == 1 and len(again) == len(store)
+    assert not (store.folder / ".index.faiss.tmp").exists()
+
+
+def test_load_finishes_an_optout_killed_before_its_index_rename(store):
+    """SIGKILL between the manifest write and the rename leaves the new index beside the old one; loading (with
+    --verify) renames it into place. A stale one (killed before the manifest) is removed."""
+    folder = store.folder
+    old_index = (folder / "index.faiss").read_bytes()
+    store.optout(doc_ids=["planted"])
+    new_index = (folder / "index.faiss").read_bytes()
+    (folder / ".index.faiss.tmp").write_bytes(new_index)  # the state a kill at that point leaves
+    (folder / "index.faiss").write_bytes(old_index)
+    again = Datastore.load(folder, verify=True)
+    assert (folder / "index.faiss").read_bytes() == new_index and not (folder / ".index.faiss.tmp").exists()
+    assert len(again) == len(store)
+    (folder / ".index.faiss.tmp").write_bytes(b"half an index")  # killed while writing it: stale
+    Datastore.load(folder, verify=True)
+    assert not (folder / ".index.faiss.tmp").exists() and (folder / "index.faiss").read_bytes() == new_index
 
 
 def test_source_prefix_optout(store):

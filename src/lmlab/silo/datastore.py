@@ -682,6 +682,7 @@ class Datastore:
              verify: bool = False) -> Datastore:
         """Open a datastore; with ``loaded`` (a LoadedModel) refuse one built with another model or tokenizer."""
         folder = _abs(folder)
+        _finish_interrupted_optout(folder)
         manifest = read_manifest(folder, verify=verify)
         if manifest.get("kind") != KIND:
             raise ManifestMismatchError(f"{folder} is a {manifest.get('kind')!r}, not a {KIND}")
@@ -850,7 +851,7 @@ class Datastore:
             before = len(self)
             t = merge_tombstones(self.manifest.get("tombstones", {}),
                                  {"doc_ids": doc_ids, "sources": sources, "license_classes": license_classes})
-            tmp = self.folder / f".{INDEX}.tmp"
+            tmp, written = _optout_tmp(self.folder), False
             try:
                 self.manifest = {**self.manifest, "tombstones": t}
                 self._apply_tombstones()
@@ -863,12 +864,18 @@ class Datastore:
                 self.manifest = {**self.manifest, "removed_entries": int(self.n_entries - len(self)),
                                  "index_bytes": tmp.stat().st_size, "files": files}
                 write_json_atomic(self.folder / MANIFEST, self.manifest)
+                written = True
                 self._seen = manifest_stamp(self.folder)
                 os.replace(tmp, self.folder / INDEX)
             except BaseException:
                 # failed or interrupted part-way: this object goes back to what the folder holds (it must not
-                # report as removed what a restart would bring back; a retry then reports what it removes)
-                tmp.unlink(missing_ok=True)
+                # report as removed what a restart would bring back; a retry then reports what it removes). Once
+                # the manifest records the new index, the index is put in place too (else --verify would fail).
+                with contextlib.suppress(OSError):
+                    if written:
+                        os.replace(tmp, self.folder / INDEX)
+                    else:
+                        tmp.unlink(missing_ok=True)
                 self._replace_with(read_manifest(self.folder))
                 raise
         return OptOutReport(documents=int(newly.sum()), entries=int(removed), live_entries=len(self), tombstones=t)
@@ -881,6 +888,36 @@ class Datastore:
                     live_documents=live_docs, tombstones=m.get("tombstones", {}),
                     index_bytes=int((self.folder / INDEX).stat().st_size),
                     index_bytes_per_entry=(self.folder / INDEX).stat().st_size / max(1, self.n_entries))
+
+
+def _optout_tmp(folder: Path) -> Path:
+    """Where an opt-out writes the new index before renaming it over ``index.faiss``."""
+    return folder / f".{INDEX}.tmp"
+
+
+def _finish_interrupted_optout(folder: Path) -> None:
+    """Repair what a killed opt-out left (SIGKILL or power loss; an exception or Ctrl-C repairs itself).
+
+    Killed after the manifest was written but before the index was renamed, the new index lies complete beside
+    the old one: it is renamed into place, since the manifest already lists it (loading the old index would still
+    re-apply the tombstones, but the manifest's checksum would not match it). Killed before the manifest was
+    written, the file is stale and removed. Under the opt-out lock, and only when such a file exists; on a
+    read-only folder nothing is repaired (the tombstones still apply).
+    """
+    tmp = _optout_tmp(folder)
+    if not tmp.is_file():
+        return
+    try:
+        with folder_lock(folder):
+            if not tmp.is_file():  # an opt-out in progress finished while we waited for its lock
+                return
+            entry = read_manifest(folder).get("files", {}).get(INDEX, {})
+            if tmp.stat().st_size == entry.get("bytes") and sha256_file(tmp) == entry.get("sha256"):
+                os.replace(tmp, folder / INDEX)
+            else:
+                tmp.unlink()
+    except OSError as e:
+        log.warning("%s: could not finish an interrupted opt-out (%s); its tombstones still apply", folder, e)
 
 
 def manifest_stamp(folder: Path):
