@@ -69,6 +69,22 @@ def test_resume_reproduces_the_uninterrupted_curve_exactly(tmp_path, shards):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_from_a_sharded_checkpoint(tmp_path, shards):
+    """A model that save_pretrained splits into shards (above max_shard_size) resumes as exactly as one file."""
+    _trainer(tmp_path / "full", shards).fit()
+    first = _trainer(tmp_path / "split", shards)
+    save = first.model.save_pretrained
+    first.model.save_pretrained = lambda folder, **kw: save(folder, **kw, max_shard_size="40KB")
+    first.fit(until_step=6)
+    ckpt = latest_checkpoint(tmp_path / "split")
+    assert len(list(ckpt.glob("model-*-of-*.safetensors"))) > 1 and not (ckpt / "model.safetensors").exists()
+    second = _trainer(tmp_path / "split", shards)
+    assert second.step == 6
+    second.fit()
+    assert [(r["loss"], r.get("eval_loss")) for r in _curve(tmp_path / "full")] == [
+        (r["loss"], r.get("eval_loss")) for r in _curve(tmp_path / "split")]
+
+
 def _ctrl_c_at_step(monkeypatch, step: int) -> None:
     """Make Trainer.train_step raise KeyboardInterrupt when it is about to run step ``step`` + 1."""
     real_step = Trainer.train_step

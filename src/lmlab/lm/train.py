@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmlab.errors import CheckpointError, ConfigError, first_line
+from lmlab.errors import CheckpointError, ConfigError, DataError, first_line
 from lmlab.io import atomic_dir, existing_artefact, read_manifest, write_bytes_atomic, write_manifest
 from lmlab.lm.data import TokenShards, tokenizer_fingerprint
 from lmlab.lm.schedules import Schedule
@@ -163,6 +163,23 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return done[-1] if done else None
 
 
+def _checkpoint_weights(ckpt: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """The weights of a ``save_pretrained`` folder: ``model.safetensors``, or every shard its
+    ``model.safetensors.index.json`` names (``save_pretrained`` splits models above ``max_shard_size``)."""
+    from safetensors.torch import load_file
+
+    index = ckpt / "model.safetensors.index.json"
+    names = ["model.safetensors"]
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if any(Path(n).name != n for n in names):
+            raise DataError(f"{index} names shards outside its folder")
+    weights: dict[str, torch.Tensor] = {}
+    for name in names:
+        weights.update(load_file(str(ckpt / name), device=str(device)))
+    return weights
+
+
 def _line_step(line: str) -> int | None:
     """The step of a ``metrics.jsonl`` line; None for an empty line or one torn by a crash."""
     try:
@@ -266,11 +283,9 @@ class Trainer:
                 "use another --out folder, or the same settings to resume")
         if state.get("tokenizer_fingerprint") != tokenizer_fingerprint(self.tokenizer):
             raise CheckpointError(f"{ckpt} was trained with another tokenizer")
-        from safetensors.torch import load_file
-
         try:
-            weights = load_file(str(ckpt / "model.safetensors"), device=str(self.device))
-        except Exception as e:  # SafetensorError, OSError
+            weights = _checkpoint_weights(ckpt, self.device)
+        except Exception as e:  # SafetensorError, OSError, a damaged shard index
             raise _corrupt(ckpt, e) from e
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
         # tied embeddings are saved once; anything else missing means another architecture
