@@ -1,9 +1,17 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from lmlab import io
 from lmlab.errors import DataError
 from lmlab.io import atomic_dir, existing_artefact, read_manifest, write_json_atomic, write_manifest
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):
@@ -94,6 +102,21 @@ def test_atomic_dir_repairs_a_replace_killed_between_its_renames(tmp_path):
     with pytest.raises(RuntimeError), atomic_dir(final):
         raise RuntimeError("this build fails")
     assert (final / "v").read_text() == "1" and not old.exists()
+
+
+def test_atomic_dir_removes_what_a_killed_process_left_and_keeps_a_live_ones(tmp_path):
+    final = tmp_path / "art"
+    killed = ("import os, signal, sys\nfrom lmlab.io import atomic_dir\nwith atomic_dir(sys.argv[1]) as tmp:\n"
+              "    (tmp / 'big').write_bytes(b'x' * 1000)\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    r = subprocess.run([sys.executable, "-c", killed, str(final)], env={**os.environ, "PYTHONPATH": SRC})
+    assert r.returncode == -signal.SIGKILL
+    (left,) = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the killed build's half-written folder
+    assert left.name.startswith(f".art.{io._HOST}-")
+    live = tmp_path / f".art.{io._HOST}-{os.getpid()}.abc.tmp"  # a live process's: a build in progress
+    live.mkdir()
+    with atomic_dir(final) as tmp:
+        (tmp / "v").write_text("1")
+    assert not left.exists() and live.is_dir() and (final / "v").read_text() == "1"
 
 
 def test_existing_artefact_allows_only_an_earlier_one_of_its_kind(tmp_path):

@@ -7,10 +7,12 @@ helpers, so an interrupt leaves either the old artefact or the new one, never ha
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -49,20 +51,41 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+_HOST = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike):
     """Yield a temporary folder beside ``final``; on success replace ``final`` with it.
 
     On an exception the temporary folder is removed and ``final`` is untouched. Replacing takes two renames
     (``final`` aside to ``.NAME.old``, then the new folder in); an exception or Ctrl-C between them puts the old
-    folder back, and a process killed between them is repaired by the next ``atomic_dir`` on ``final``.
+    folder back, and a process killed between them is repaired by the next ``atomic_dir`` on ``final``. The
+    temporary folder's name holds this host and process id, so the next ``atomic_dir`` on ``final`` also removes
+    what a killed process left half-written (a checkpoint can be gigabytes), and never a live process's folder.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     old = final.with_name(f".{final.name}.old")
     if old.is_dir() and not final.exists():  # a replace killed between its two renames: the old one is back
         os.replace(old, final)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    owner = f".{final.name}.{_HOST}-"
+    for stale in final.parent.glob(f"{glob.escape(owner)}*.tmp"):
+        pid = stale.name[len(owner):].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{owner}{os.getpid()}.", suffix=".tmp"))
     try:
         yield tmp
         if final.exists():
