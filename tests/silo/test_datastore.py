@@ -169,6 +169,9 @@ def test_optout_persists_and_removed_docs_never_come_back(store, tiny):
         again.optout(doc_ids=["no-such-doc"])
     with pytest.raises(ConfigError):
         again.optout()
+    for everything in ("*", "", "**"):  # opt-outs are permanent: a pattern that matches all is refused
+        with pytest.raises(ConfigError, match="match every document"):
+            again.optout(sources=["debian:p1@1", everything])
 
 
 def test_optout_interrupted_after_its_manifest_still_verifies(store, monkeypatch):

@@ -63,8 +63,11 @@ def test_optout_needs_the_token_is_audited_and_persists(served, tiny, planted_te
     assert r.status_code == 200 and r.json()["documents"] == 1
     r = httpx.post(f"{url}/optout", json={"doc_ids": ["nope"]}, headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 404 and "no datastore document" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/optout", json={"sources": ["*"]}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 400 and "match every document" in r.json()["error"]["message"]
+    assert len(service.datastore) > 0
     log = [json.loads(line) for line in service.audit_log.read_text().splitlines()]
-    assert [e["outcome"] for e in log] == ["unauthorized", "unauthorized", "removed", "rejected"]
+    assert [e["outcome"] for e in log] == ["unauthorized", "unauthorized", "removed", "rejected", "rejected"]
     assert log[2]["request"]["reason"] == "owner request" and log[2]["client"] == "127.0.0.1"
     s = httpx.post(f"{url}/score", json={"text": planted_text, "attribute": True}, timeout=60).json()
     assert all(n["doc_id"] != "planted" for t in s["tokens"] for n in t["neighbours"])

@@ -839,9 +839,7 @@ class Datastore:
         """
         import faiss
 
-        doc_ids, sources, license_classes = list(doc_ids), list(sources), list(license_classes)
-        if not (doc_ids or sources or license_classes):
-            raise ConfigError("opt-out needs at least one document id, source or licence class")
+        doc_ids, sources, license_classes = check_optout_request(doc_ids, sources, license_classes)
         with folder_lock(self.folder):
             self.refresh()
             hit = self._match(doc_ids, sources, license_classes)
@@ -943,6 +941,21 @@ def _readable(folder: Path, name: str):
         yield
     except (OSError, ValueError, RuntimeError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as e:
         raise DataError(f"{folder} is incomplete or corrupted ({name} cannot be read): rebuild it") from e
+
+
+def check_optout_request(doc_ids: Iterable[str], sources: Iterable[str],
+                         license_classes: Iterable[str]) -> tuple[list[str], list[str], list[str]]:
+    """The request as lists, or ConfigError: it names nothing, or a source pattern matches every document.
+
+    Opt-outs are permanent, so a bare ``*`` (or an empty pattern) is refused rather than read as "remove
+    everything"; opting out all of a datastore is a licence class at a time, or a rebuild without it."""
+    doc_ids, sources, license_classes = list(doc_ids), list(sources), list(license_classes)
+    if not (doc_ids or sources or license_classes):
+        raise ConfigError("opt-out needs at least one document id, source or licence class")
+    if any(s.rstrip("*") == "" for s in sources):
+        raise ConfigError("an opt-out source of '*' or '' would match every document; name sources, groups or "
+                          "source prefixes (e.g. 'debian:gpl-*'), or licence classes")
+    return doc_ids, sources, license_classes
 
 
 def match_documents(docs: list[DocInfo], doc_ids: Iterable[str] = (), sources: Iterable[str] = (),

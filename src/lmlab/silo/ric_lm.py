@@ -192,8 +192,9 @@ class RicLM:
         """Tombstone documents (same matching as the datastore's opt-out); returns how many blocks it masks.
 
         Under the folder's opt-out lock, merged with the manifest on disk (no other process's opt-out is lost)."""
-        from lmlab.silo.datastore import folder_lock, manifest_stamp, merge_tombstones
+        from lmlab.silo.datastore import check_optout_request, folder_lock, manifest_stamp, merge_tombstones
 
+        doc_ids, sources, license_classes = check_optout_request(doc_ids, sources, license_classes)
         with folder_lock(self.folder):
             self.refresh()
             before = int(self.removed_docs[self.block_doc].sum())
