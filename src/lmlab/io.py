@@ -12,8 +12,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -185,3 +187,25 @@ def invocation(argv: list[str] | None = None) -> str:
     nice = os.nice(0)
     args = sys.argv[1:] if argv is None else list(argv)
     return (f"nice -n {nice} " if nice else "") + "python " + shlex.join([sys.argv[0], *args])
+
+
+@contextlib.contextmanager
+def ctrl_c_held():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block has finished, then deliver it to the
+    handler that was installed before: for state changes that must land together (an optimizer step and its step
+    count; a document and the counts it adds to). Signal handlers can only be set from the main thread; elsewhere
+    the block runs unprotected."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            if callable(previous):
+                previous(signal.SIGINT, held[0])
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt

@@ -1,6 +1,8 @@
 """The Parquet store: append, de-duplication, resume after an interrupt, atomicity, reading and filtering."""
 
 import json
+import os
+import signal
 
 import pytest
 
@@ -46,6 +48,22 @@ def test_write_read_roundtrip_and_manifest(tmp_path):
     assert m["per_license_class"]["copyleft"]["bytes"] == sum(d.n_bytes for d in written[10:])
     assert m["per_source"]["test"]["documents"] == 15 and m["sources"]["test"]["status"] == "complete"
     assert all(f.startswith("shards/") for f in m["files"])
+
+
+def test_ctrl_c_inside_add_commits_the_document_with_its_counts(tmp_path):
+    class CtrlCOnAppend(list):
+        def append(self, item):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C after the counts were updated, before the buffering
+            for _ in range(1000):  # Python handles a signal between bytecodes: give it some
+                pass
+            super().append(item)
+
+    with pytest.raises(KeyboardInterrupt), CorpusWriter(tmp_path / "c") as w:
+        w.add(docs(1)[0])
+        w._buffer = CtrlCOnAppend(w._buffer)
+        w.add(docs(2)[1])
+    m = read_manifest(tmp_path / "c", verify=True)
+    assert m["documents"] == len(list(open_corpus(tmp_path / "c"))) == 2 and m["per_source"]["test"]["documents"] == 2
 
 
 def test_filters_get_and_permissive_view(tmp_path):

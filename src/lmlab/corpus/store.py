@@ -39,7 +39,7 @@ from typing import Any
 from lmlab.corpus.document import Document, document_id, text_hash
 from lmlab.corpus.licenses import UNKNOWN, License, LicenseClass, classify
 from lmlab.errors import DataError, ManifestMismatchError, MissingDependencyError
-from lmlab.io import MANIFEST, check_sizes, read_manifest, sha256_file, write_json_atomic
+from lmlab.io import MANIFEST, check_sizes, ctrl_c_held, read_manifest, sha256_file, write_json_atomic
 
 log = logging.getLogger("lmlab.corpus")
 
@@ -195,19 +195,20 @@ class CorpusWriter:
         if cap is not None and self.manifest["per_group"].get(doc.group, {}).get("bytes", 0) + n > cap * 1e6:
             state.over_cap += 1
             return AddStatus.OVER_CAP
-        self.ids.add(doc.id)
-        self.hashes.add(h)
-        for table, key in ((self.manifest["per_license_class"], doc.license_class),
-                           (self.manifest["per_source"], doc.origin), (self.manifest["per_group"], doc.group)):
-            row = table.setdefault(key, _counts())
-            row["documents"] += 1
-            row["bytes"] += n
-        self.manifest["documents"] += 1
-        self.manifest["bytes"] += n
-        state.documents += 1
-        state.bytes += n
-        self._buffer.append((doc, h))
-        self._buffer_bytes += n
+        with ctrl_c_held():  # the document and its counts land together (a close after Ctrl-C commits both)
+            self.ids.add(doc.id)
+            self.hashes.add(h)
+            for table, key in ((self.manifest["per_license_class"], doc.license_class),
+                               (self.manifest["per_source"], doc.origin), (self.manifest["per_group"], doc.group)):
+                row = table.setdefault(key, _counts())
+                row["documents"] += 1
+                row["bytes"] += n
+            self.manifest["documents"] += 1
+            self.manifest["bytes"] += n
+            state.documents += 1
+            state.bytes += n
+            self._buffer.append((doc, h))
+            self._buffer_bytes += n
         if self._buffer_bytes >= self.config.shard_mb * 1e6:
             self.flush()
         return AddStatus.ADDED
@@ -231,12 +232,13 @@ class CorpusWriter:
             f.flush()
             os.fsync(f.fileno())
         digest = sha256_file(tmp)
-        os.replace(tmp, final)
-        self._next_shard += 1
-        self.manifest["shards"].append({"path": rel, "documents": len(self._buffer), "bytes": self._buffer_bytes})
-        self.manifest["files"][rel] = {"bytes": final.stat().st_size, "sha256": digest}
-        self._buffer, self._buffer_bytes = [], 0
-        self._write_manifest()
+        with ctrl_c_held():  # the shard, its listing and the emptied buffer land together (else a close after
+            os.replace(tmp, final)  # Ctrl-C wrote the same documents again as the next shard)
+            self._next_shard += 1
+            self.manifest["shards"].append({"path": rel, "documents": len(self._buffer), "bytes": self._buffer_bytes})
+            self.manifest["files"][rel] = {"bytes": final.stat().st_size, "sha256": digest}
+            self._buffer, self._buffer_bytes = [], 0
+            self._write_manifest()
 
     def _write_manifest(self) -> None:
         from lmlab import __version__

@@ -30,8 +30,6 @@ import math
 import os
 import re
 import shutil
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +38,14 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import CheckpointError, ConfigError, DataError, first_line
-from lmlab.io import atomic_dir, existing_artefact, read_manifest, write_bytes_atomic, write_manifest
+from lmlab.io import (
+    atomic_dir,
+    ctrl_c_held,
+    existing_artefact,
+    read_manifest,
+    write_bytes_atomic,
+    write_manifest,
+)
 from lmlab.lm.data import TokenShards, tokenizer_fingerprint
 from lmlab.lm.schedules import Schedule
 from lmlab.lm.score import eval_mode
@@ -395,7 +400,7 @@ class Trainer:
             loss_sum += loss.detach()
         if c.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-        with _ctrl_c_held():  # the update and its step count land together, so a Ctrl-C checkpoint is consistent
+        with ctrl_c_held():  # the update and its step count land together, so a Ctrl-C checkpoint is consistent
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -453,7 +458,7 @@ class Trainer:
                         eval_loss = self.evaluate()
                         if eval_loss is not None:
                             rec.update(eval_loss=eval_loss, eval_ppl=math.exp(eval_loss))
-                    with _ctrl_c_held():  # the line and the reset land together: a resume logs the step once
+                    with ctrl_c_held():  # the line and the reset land together: a resume logs the step once
                         self._log(rec)
                         self._interval_loss.zero_()
                         self._interval_n = 0
@@ -481,28 +486,6 @@ class Trainer:
             dist.barrier()
         return TrainResult(step=self.step, tokens=self.step * tokens_per_step, train_loss=train_loss,
                            eval_loss=eval_loss, out_dir=self.out_dir, history=history)
-
-
-@contextlib.contextmanager
-def _ctrl_c_held():
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block has finished, then deliver it to the
-    handler that was installed before. An optimizer step interrupted half-way left some parameters updated, and
-    one interrupted before ``step += 1`` was saved as the previous step and applied twice on resume. (Signal
-    handlers can only be set from the main thread; elsewhere the block runs unprotected.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if held:
-            if callable(previous):
-                previous(signal.SIGINT, held[0])
-            elif previous == signal.SIG_DFL:
-                raise KeyboardInterrupt
 
 
 def load_checkpoint_state(ckpt: str | os.PathLike) -> dict:
