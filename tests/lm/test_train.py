@@ -85,16 +85,17 @@ def test_resume_from_a_sharded_checkpoint(tmp_path, shards):
         (r["loss"], r.get("eval_loss")) for r in _curve(tmp_path / "split")]
 
 
-def _ctrl_c_at_step(monkeypatch, step: int) -> None:
-    """Make Trainer.train_step raise KeyboardInterrupt when it is about to run step ``step`` + 1."""
-    real_step = Trainer.train_step
+def _ctrl_c_at_step(monkeypatch, step: int, method: str = "train_step") -> None:
+    """Make ``Trainer.<method>`` raise KeyboardInterrupt when called at step ``step`` (train_step: when it is about
+    to run step ``step`` + 1)."""
+    real = getattr(Trainer, method)
 
     def flaky(self):
         if self.step == step:
             raise KeyboardInterrupt
-        return real_step(self)
+        return real(self)
 
-    monkeypatch.setattr(Trainer, "train_step", flaky)
+    monkeypatch.setattr(Trainer, method, flaky)
 
 
 def test_interrupt_saves_a_checkpoint_and_resume_continues(tmp_path, shards, monkeypatch):
@@ -273,14 +274,7 @@ def test_ctrl_c_during_evaluation_keeps_the_curve_exact(tmp_path, shards, monkey
     cfg = replace(CFG, save_every=0)
     _trainer(tmp_path / "full", shards, cfg=cfg).fit()
     t = _trainer(tmp_path / "split", shards, cfg=cfg)
-    real_eval = Trainer.evaluate
-
-    def interrupted(self):
-        if self.step == at:
-            raise KeyboardInterrupt
-        return real_eval(self)
-
-    monkeypatch.setattr(Trainer, "evaluate", interrupted)
+    _ctrl_c_at_step(monkeypatch, at, "evaluate")
     with pytest.raises(KeyboardInterrupt):
         t.fit()
     monkeypatch.undo()

@@ -114,10 +114,8 @@ class CorpusWriter:
         path = self.folder / MANIFEST
         if path.is_file():
             m = read_manifest(self.folder)
-            if not isinstance(m, dict) or m.get("kind") != KIND:
-                raise ManifestMismatchError(
-                    f"{self.folder} holds a {m.get('kind') if isinstance(m, dict) else None!r}, not a corpus: "
-                    "choose another --out")
+            if _kind(m) != KIND:
+                raise ManifestMismatchError(f"{self.folder} holds a {_kind(m)!r}, not a corpus: choose another --out")
             if m.get("schema_version") != SCHEMA_VERSION:
                 raise ManifestMismatchError(
                     f"{self.folder} has corpus schema {m.get('schema_version')}, this lmlab writes {SCHEMA_VERSION}: "
@@ -232,8 +230,10 @@ class CorpusWriter:
             f.flush()
             os.fsync(f.fileno())
         digest = sha256_file(tmp)
-        with ctrl_c_held():  # the shard, its listing and the emptied buffer land together (else a close after
-            os.replace(tmp, final)  # Ctrl-C wrote the same documents again as the next shard)
+        # the shard, its listing and the emptied buffer land together (else a close after Ctrl-C wrote the same
+        # documents again as the next shard)
+        with ctrl_c_held():
+            os.replace(tmp, final)
             self._next_shard += 1
             self.manifest["shards"].append({"path": rel, "documents": len(self._buffer), "bytes": self._buffer_bytes})
             self.manifest["files"][rel] = {"bytes": final.stat().st_size, "sha256": digest}
@@ -331,9 +331,8 @@ class Corpus(BaseCorpus):
     def __init__(self, folder: str | os.PathLike, *, verify: bool = False, selection: Selection = Selection()):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder, verify=verify)
-        if not isinstance(self.manifest, dict) or self.manifest.get("kind") != KIND:
-            kind = self.manifest.get("kind") if isinstance(self.manifest, dict) else None
-            raise ManifestMismatchError(f"{self.folder} is a {kind!r}, not a corpus")
+        if _kind(self.manifest) != KIND:
+            raise ManifestMismatchError(f"{self.folder} is a {_kind(self.manifest)!r}, not a corpus")
         if self.manifest.get("schema_version") != SCHEMA_VERSION:
             raise ManifestMismatchError(f"{self.folder} has corpus schema {self.manifest.get('schema_version')}; "
                                         f"this lmlab reads {SCHEMA_VERSION}: rebuild it with `lmlab corpus build`")
@@ -406,6 +405,11 @@ class Corpus(BaseCorpus):
             if match.num_rows:
                 return _row_to_document(match.to_pylist()[0])
         raise DataError(f"no document with id {doc_id!r} in {self.folder}")  # unreachable: hits[0] was found
+
+
+def _kind(manifest) -> str | None:
+    """A manifest's ``kind`` (None when the JSON is not even an object)."""
+    return manifest.get("kind") if isinstance(manifest, dict) else None
 
 
 def _check_manifest(folder: Path, m: dict[str, Any]) -> None:

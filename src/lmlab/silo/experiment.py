@@ -24,6 +24,8 @@ corpus the artefacts were built from, and a run with others over the same folder
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import time
@@ -33,6 +35,7 @@ from pathlib import Path
 
 from lmlab.corpus.split import seeded_order_key
 from lmlab.errors import ConfigError, DataError
+from lmlab.io import write_json_atomic
 
 PERMISSIVE = ("public_domain", "permissive_sw")
 RESTRICTED = ("copyleft", "noncommercial", "unknown")
@@ -74,17 +77,12 @@ def artefact_settings(cfg: ExperimentConfig) -> dict:
     """The fields of ``cfg`` that shape what a run writes into ``work`` (as JSON values). A given corpus is
     identified by its contents (:func:`corpus_fingerprint`), so the corpus build's own fields matter only when
     the corpus is built in ``work``."""
-    import json
-
     skip = NOT_IN_ARTEFACTS + (("from_specs", "max_mb_per_source") if cfg.corpus else ())
     return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in skip}))
 
 
 def corpus_fingerprint(corpus_dir: Path) -> str:
     """sha256 of a corpus's shard checksums (its manifest's ``files``): the same documents, wherever it lies."""
-    import hashlib
-    import json
-
     try:
         m = json.loads((corpus_dir / "manifest.json").read_text())
     except (OSError, ValueError) as e:
@@ -154,10 +152,6 @@ class SiloExperiment:
         """Record ``value`` under ``key`` in ``work/experiment.json``, or refuse a run whose ``value`` differs from
         the recorded one: every stage reuses what it finds in ``work``, so a run with other settings (steps, sizes,
         another corpus...) would silently report the old artefacts' numbers."""
-        import json
-
-        from lmlab.io import write_json_atomic
-
         path = self.work / RUN_RECORD
         try:
             rec = json.loads(path.read_text()) if path.is_file() else {}
@@ -265,8 +259,6 @@ class SiloExperiment:
 
     def _train_progress(self, name: str) -> str:
         """'lm-x: step s/N, loss l' from the run's metrics.jsonl (written by the Trainer in the other process)."""
-        import json
-
         last = None
         with contextlib.suppress(OSError):
             for line in (self.work / name / "run" / "metrics.jsonl").read_text().splitlines():

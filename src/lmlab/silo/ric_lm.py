@@ -199,7 +199,7 @@ class RicLM:
             self.refresh()
             before = int(self.removed_docs[self.block_doc].sum())
             t = merge_tombstones(self.manifest.get("tombstones", {}), {
-                "doc_ids": list(doc_ids), "sources": list(sources), "license_classes": list(license_classes)})
+                "doc_ids": doc_ids, "sources": sources, "license_classes": license_classes})
             old, self.manifest = self.manifest, {**self.manifest, "tombstones": t}
             try:
                 self._apply_tombstones()
