@@ -119,6 +119,25 @@ def test_atomic_dir_removes_what_a_killed_process_left_and_keeps_a_live_ones(tmp
     assert not left.exists() and live.is_dir() and (final / "v").read_text() == "1"
 
 
+def test_write_bytes_atomic_removes_what_a_killed_write_left_and_nothing_else(tmp_path):
+    final = tmp_path / "results.json"
+    killed = ("import os, signal, sys\nfrom lmlab import io\n"
+              "io.os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)\n"  # killed after writing, before rename
+              "io.write_json_atomic(sys.argv[1], {'half': 'written'})\n")
+    proc = subprocess.Popen([sys.executable, "-c", killed, str(final)], env={**os.environ, "PYTHONPATH": SRC})
+    assert proc.wait() == -signal.SIGKILL
+    (left,) = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert left.name.startswith(f".results.json.{io._HOST}-{proc.pid}.") and not final.exists()
+    keep = [tmp_path / f".results.json.{io._HOST}-{os.getpid()}.abc.tmp",  # a write in progress in a live process
+            tmp_path / f".results.json.otherhost-{proc.pid}.abc.tmp",  # another host's (a shared folder)
+            tmp_path / f".results.json.{io._HOST}-{proc.pid}.{io._HOST}-1.abc.tmp"]  # results.json.HOST-PID's
+    for p in keep:
+        p.write_text("keep")
+    write_json_atomic(final, {"v": 1})
+    assert json.loads(final.read_text()) == {"v": 1} and not left.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == sorted(p.name for p in keep)
+
+
 def test_existing_artefact_allows_only_an_earlier_one_of_its_kind(tmp_path):
     assert existing_artefact(tmp_path / "absent", "thing") is None
     (tmp_path / "empty").mkdir()

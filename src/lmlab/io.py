@@ -11,6 +11,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -33,9 +34,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it and rename it into place.
+
+    The temporary name holds this host and process id (:func:`_temp_prefix`), so a write killed before its rename
+    (SIGKILL, power loss) leaves a ``.NAME.HOST-PID.*.tmp`` file that the next write of ``path`` removes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; results and manifests are meant to be read by others
         with os.fdopen(fd, "wb") as f:
@@ -67,6 +73,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _temp_prefix(final: Path) -> str:
+    """This process's prefix for temporary names beside ``final`` (``.NAME.HOST-PID.``), after removing the
+    temporary files and folders that dead processes on this host left there (``.NAME.HOST-PID.XXXXXXXX.tmp``, as
+    ``tempfile`` completes the prefix). A live process's, another host's (on a shared folder) and another name's
+    (``.NAME.x.HOST-...``) are left alone."""
+    owner = f".{final.name}.{_HOST}-"
+    for stale in final.parent.glob(f"{glob.escape(owner)}*.tmp"):
+        m = re.fullmatch(r"(\d+)\.\w+\.tmp", stale.name[len(owner):])
+        if m and not _alive(int(m.group(1))):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
+    return f"{owner}{os.getpid()}."
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike):
     """Yield a temporary folder beside ``final``; on success replace ``final`` with it.
@@ -82,12 +105,7 @@ def atomic_dir(final: str | os.PathLike):
     old = final.with_name(f".{final.name}.old")
     if old.is_dir() and not final.exists():  # a replace killed between its two renames: the old one is back
         os.replace(old, final)
-    owner = f".{final.name}.{_HOST}-"
-    for stale in final.parent.glob(f"{glob.escape(owner)}*.tmp"):
-        pid = stale.name[len(owner):].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{owner}{os.getpid()}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=_temp_prefix(final), suffix=".tmp"))
     try:
         yield tmp
         if final.exists():
