@@ -45,6 +45,12 @@ def test_unknown_model_is_one_line(capsys):
     assert "unknown model 'gpt-17'" in err and "smollm2-135m" in err
 
 
+def test_negative_thread_count_is_one_line(capsys):
+    assert main(["lm", "train", "--model", "tiny:micro", "--data", ".", "--out", "/tmp/never", "--threads", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--threads must be at least 0, not -1" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_models_ls_shows_named_and_tiny_models(capsys):
     assert main(["models", "ls"]) == 0
     out = capsys.readouterr().out

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from lmlab.errors import LmlabError
+from lmlab.errors import ConfigError, LmlabError
 
 # name -> ("module:attribute", one-line help shown by `lmlab --help` without importing the module)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -44,6 +44,17 @@ class LazyGroup(click.Group):
         rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
+
+
+def at_least(lo: int):
+    """A click option callback refusing a number below ``lo`` with one line (ConfigError: exit 2, no usage dump)."""
+
+    def check(ctx, param, value):
+        if value is not None and value < lo:
+            raise ConfigError(f"{param.opts[0]} must be at least {lo}, not {value}")
+        return value
+
+    return check
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -132,7 +132,10 @@ def test_empty_batches_and_training_sets_are_refused(fake_fmnist):
 
 @pytest.mark.parametrize("args,why", [(["--heads", "0"], "heads"), (["--patch-size", "0"], "patch_size"),
                                       (["--batch-size", "0"], "batch_size"), (["--train-size", "0"], "train_size"),
-                                      (["--mlp", "soft", "--capacity-factor", "-1"], "capacity_factor")])
+                                      (["--mlp", "soft", "--capacity-factor", "-1"], "capacity_factor"),
+                                      (["--lr", "-1"], "lr"), (["--threads", "-3"], "--threads"),
+                                      (["--ewa", "--ewa-beta", "2"], "ewa_beta"),
+                                      (["--ewa", "--ewa-beta", "-0.5"], "ewa_beta")])
 def test_cli_train_refuses_bad_sizes_in_one_line(fake_fmnist, tmp_path, capsys, args, why):
     from lmlab.cli import main
 

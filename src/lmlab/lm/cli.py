@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from lmlab.cli import at_least
+
 
 @click.group("models")
 def models_group():
@@ -92,7 +94,7 @@ def _load_tokenizer(spec: str):
 @click.option("--save-every", default=200, show_default=True)
 @click.option("--log-every", default=10, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--threads", default=0, help="torch threads per process (0: torch's default).")
+@click.option("--threads", default=0, callback=at_least(0), help="torch threads per process (0: torch's default).")
 @click.option("--no-resume", is_flag=True, help="Refuse to continue an existing run in --out.")
 def train_cmd(model_spec, tok_dir, data_dir, out, threads, no_resume, **cfg):
     """Train a causal LM on token shards (resumable; runs under torchrun for DDP)."""

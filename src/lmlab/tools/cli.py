@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from lmlab.cli import at_least
 from lmlab.errors import ConfigError
 
 DEFAULT_MAN = "/usr/share/man/man1/gcloud_*.1.gz"
@@ -37,17 +38,6 @@ def _check_mode(ctx, param, value):
     if value not in PROMPT_MODES:
         raise ConfigError(f"unknown --mode {value!r}: use one of {', '.join(PROMPT_MODES)}")
     return value
-
-
-def _at_least(lo: int):
-    """An option callback refusing a number below ``lo`` with one line (ConfigError, exit 2), as _check_mode does."""
-
-    def check(ctx, param, value):
-        if value is not None and value < lo:
-            raise ConfigError(f"{param.opts[0]} must be at least {lo}, not {value}")
-        return value
-
-    return check
 
 
 @click.group("tools")
@@ -106,7 +96,7 @@ def show_command(catalog, name, as_json):
 @click.argument("catalog", type=click.Path(exists=True, file_okay=False))
 @click.argument("request")
 @click.option("--method", type=click.Choice(["bm25", "dense"]), default="bm25", show_default=True)
-@click.option("-k", default=5, show_default=True, callback=_at_least(1), help="results to show")
+@click.option("-k", default=5, show_default=True, callback=at_least(1), help="results to show")
 @click.option("--index", type=click.Path(file_okay=False), default=None,
               help="dense: folder caching the embeddings (built on first use)")
 @click.option("--model", default=None, help="dense: sentence-transformers folder (default all-MiniLM-L6-v2)")
@@ -163,17 +153,17 @@ def bench_group():
 @click.option("--mode", default="docs", show_default=True, callback=_check_mode, help=MODE_HELP)
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="model spec (lmlab.lm.models) or http://host:port/v1#model")
-@click.option("--limit", default=20, show_default=True, callback=_at_least(1), help="test requests to evaluate")
+@click.option("--limit", default=20, show_default=True, callback=at_least(1), help="test requests to evaluate")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
-@click.option("--n-docs", default=3, show_default=True, callback=_at_least(1),
+@click.option("--n-docs", default=3, show_default=True, callback=at_least(1),
               help="candidate commands documented in the prompt")
-@click.option("--n-demos", default=3, show_default=True, callback=_at_least(0),
+@click.option("--n-demos", default=3, show_default=True, callback=at_least(0),
               help="demonstrations in demos/both mode")
 @click.option("--budget", default=768, show_default=True, help="prompt token budget")
 @click.option("--retriever", type=click.Choice(["bm25", "dense"]), default="bm25", show_default=True)
-@click.option("--max-tokens", default=64, show_default=True, callback=_at_least(1))
+@click.option("--max-tokens", default=64, show_default=True, callback=at_least(1))
 @click.option("--seed", default=0, show_default=True, help="seed of the request sample")
-@click.option("--threads", default=1, show_default=True, callback=_at_least(0),
+@click.option("--threads", default=1, show_default=True, callback=at_least(0),
               help="torch threads (0: torch's default)")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="write scores and records as JSON")
 def bench_cloud_cli(catalog, mode, model, limit, split, n_docs, n_demos, budget, retriever, max_tokens, seed,
@@ -228,13 +218,13 @@ def bench_cloud_cli(catalog, mode, model, limit, split, n_docs, n_demos, budget,
 @click.argument("catalog", type=click.Path(exists=True, file_okay=False))
 @click.argument("request")
 @click.option("--mode", default="docs", show_default=True, callback=_check_mode, help=MODE_HELP)
-@click.option("--n-docs", default=3, show_default=True, callback=_at_least(1))
-@click.option("--n-demos", default=3, show_default=True, callback=_at_least(0),
+@click.option("--n-docs", default=3, show_default=True, callback=at_least(1))
+@click.option("--n-demos", default=3, show_default=True, callback=at_least(0),
               help="demonstrations from the benchmark's train split")
 @click.option("--budget", default=768, show_default=True, help="prompt token budget")
 @click.option("--model", default=None, help="answer with this model (spec or http://host:port/v1#model); "
                                             "without it, print the prompt only")
-@click.option("--max-tokens", default=64, show_default=True, callback=_at_least(1))
+@click.option("--max-tokens", default=64, show_default=True, callback=at_least(1))
 def prompt_command(catalog, request, mode, n_docs, n_demos, budget, model, max_tokens):
     """Build the tool-documentation prompt for a request (BM25 candidates); with --model, answer and validate."""
     from lmlab.tools.catalog import load_catalog
