@@ -52,7 +52,7 @@ TECHNIQUES: tuple[Technique, ...] = (
     _t("soft-moe", "From Sparse to Soft Mixtures of Experts", "2308.00951",
        "moe", "lmlab.moe.soft_moe", "lmlab moe train --mlp soft", "recipes/soft_moe.py", "works",
        "Soft MoE, token- and expert-choice layers in a ViT; claim not reproduced on Fashion-MNIST; "
-       "Soft MoE fwd+bwd 1.29-1.35x dense at batch 16 over runs on two days (median within-round ratio; "
+       "Soft MoE fwd+bwd 1.29-1.36x dense at batch 16 over runs on three days (median within-round ratio; "
        "target 1.3x; its expert bank alone 1.08-1.13x), 1.22-1.27x at batch 32 and 64; H100 (B=64, T=256, "
        "D=512, E=16) 1.24x"),
     _t("gist", "GIST: Generating Image-Specific Text for Fine-grained Object Classification", "2307.11315",

@@ -28,7 +28,7 @@ replaced by an identity) costs 0.23x a dense step: the logits, dispatch and comb
 (1.5 T / H = 9.4% of the experts' FLOPs, but run about 2x slower than alone because the experts' weight streams
 evict their operands from cache), two softmaxes, the input norm (hand-written backward, :class:`_CosineLogits`),
 and two (B, E*S, D) <-> (E, B*S, D) layout copies each way (~3%; a strided view instead is slower than the copy).
-Together 1.29-1.35x at this shape, and 1.22-1.27x at B = 32-64, where (a) is amortised over more tokens. The slots'
+Together 1.29-1.36x at this shape, and 1.22-1.27x at B = 32-64, where (a) is amortised over more tokens. The slots'
 input gradient is needed even when x needs none (the slots depend on the router). A single autograd function for the
 whole layer, with no layout copy (slots numbered s*E + e, so the experts read and write strided views) and the
 softmax backwards fused, was timed against this code in one process and gained nothing (1.315x vs 1.322x dense): the
