@@ -51,6 +51,35 @@ def test_negative_thread_count_is_one_line(capsys):
     assert "--threads must be at least 0, not -1" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_usage_errors_and_unwritable_paths_are_one_line(capsys, tmp_path):
+    assert main(["moe", "train", "--mlp", "bogus", "--out", str(tmp_path / "o")]) == 2  # click's bad choice
+    err = capsys.readouterr().err
+    assert err.startswith("lmlab: error: Invalid value for '--mlp'") and "lmlab moe train -h" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert main(["lm", "tokenize", "--data", str(tmp_path / "nope")]) == 2  # a missing required option
+    err = capsys.readouterr().err
+    assert "Missing option" in err and len(err.strip().splitlines()) == 1, err
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code = main(["lm", "tokenizer", "--data", str(tmp_path), "--out", str(afile / "sub")])  # a folder inside a file
+    err = capsys.readouterr().err
+    assert code != 0 and err.startswith("lmlab: error: ") and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and afile.read_text() == "x"
+
+
+def test_number_callbacks_refuse_nan_and_infinity():
+    from lmlab.cli import at_least, between, greater_than
+    from lmlab.errors import ConfigError
+
+    param = click.Option(["--rate"])
+    assert at_least(0)(None, param, 0) == 0 and greater_than(0)(None, param, 0.5) == 0.5
+    assert between(0, 1)(None, param, 1.0) == 1.0 and at_least(1)(None, param, None) is None
+    for check, bad in ((at_least(0), -1), (greater_than(0), 0.0), (between(0, 1), 1.5), (at_least(0), float("nan")),
+                       (between(0, 1), float("nan")), (at_least(0), float("inf"))):
+        with pytest.raises(ConfigError, match="--rate must be"):
+            check(None, param, bad)
+
+
 def test_models_ls_shows_named_and_tiny_models(capsys):
     assert main(["models", "ls"]) == 0
     out = capsys.readouterr().out

@@ -119,6 +119,14 @@ def test_atomic_dir_removes_what_a_killed_process_left_and_keeps_a_live_ones(tmp
     assert not left.exists() and live.is_dir() and (final / "v").read_text() == "1"
 
 
+def test_atomic_dir_refuses_to_replace_a_file(tmp_path):
+    final = tmp_path / "notes.txt"
+    final.write_text("the user's")
+    with pytest.raises(DataError, match="is a file, not a folder"), atomic_dir(final):
+        pass
+    assert final.read_text() == "the user's" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_write_bytes_atomic_removes_what_a_killed_write_left_and_nothing_else(tmp_path):
     final = tmp_path / "results.json"
     killed = ("import os, signal, sys\nfrom lmlab import io\n"

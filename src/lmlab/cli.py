@@ -8,6 +8,7 @@ User errors (:class:`lmlab.errors.LmlabError`) print one line and exit 2; no tra
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 
 import click
@@ -46,15 +47,27 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
 
-def at_least(lo: int):
-    """A click option callback refusing a number below ``lo`` with one line (ConfigError: exit 2, no usage dump)."""
-
+def _number_check(ok, describe: str):
     def check(ctx, param, value):
-        if value is not None and value < lo:
-            raise ConfigError(f"{param.opts[0]} must be at least {lo}, not {value}")
+        if value is not None and not (ok(value) and math.isfinite(value)):  # NaN fails every comparison
+            raise ConfigError(f"{param.opts[0]} must be {describe}, not {value}")
         return value
 
     return check
+
+
+def at_least(lo: float):
+    """A click option callback refusing a number below ``lo`` (or NaN, or infinite) with one line (ConfigError:
+    exit 2, no usage dump). ``greater_than`` and ``between`` do the same for an open bound and a closed range."""
+    return _number_check(lambda v: v >= lo, f"at least {lo}")
+
+
+def greater_than(lo: float):
+    return _number_check(lambda v: v > lo, f"greater than {lo}")
+
+
+def between(lo: float, hi: float):
+    return _number_check(lambda v: lo <= v <= hi, f"in [{lo}, {hi}]")
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,9 +108,17 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code
+    except click.UsageError as e:  # a bad choice or type, a missing option or path: one line, not click's four
+        hint = f" (see `{e.ctx.command_path} -h`)" if e.ctx is not None else ""
+        click.echo(f"lmlab: error: {e.format_message()}{hint}", err=True)
+        return e.exit_code
     except click.ClickException as e:
         e.show()
         return e.exit_code
+    except OSError as e:  # a path that cannot be written or read (a file where a folder goes, no permission, ...)
+        where = f": {e.filename}" if e.filename else ""
+        click.echo(f"lmlab: error: {e.strerror or e}{where}", err=True)
+        return 1
     except click.exceptions.Abort as e:
         cause = e.__cause__ or e.__context__  # click turns KeyboardInterrupt and EOFError alike into Abort
         if isinstance(cause, KeyboardInterrupt):

@@ -101,6 +101,8 @@ def atomic_dir(final: str | os.PathLike):
     what a killed process left half-written (a checkpoint can be gigabytes), and never a live process's folder.
     """
     final = Path(final)
+    if final.exists() and not final.is_dir():  # a user's file: replacing it would delete it
+        raise DataError(f"{final} is a file, not a folder: choose another output folder (or remove it yourself)")
     final.parent.mkdir(parents=True, exist_ok=True)
     old = final.with_name(f".{final.name}.old")
     if old.is_dir() and not final.exists():  # a replace killed between its two renames: the old one is back
