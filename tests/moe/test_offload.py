@@ -417,6 +417,8 @@ def test_missing_truncated_and_mismatched_store(setup, tmp_path):
     model, path = setup
     with pytest.raises(DataError, match="does not exist"):
         ExpertStore(tmp_path / "nope.safetensors")
+    with pytest.raises(DataError, match="is a folder, not a file"):
+        ExpertStore(tmp_path)
     data = path.read_bytes()
     bad = tmp_path / "cut.safetensors"
     bad.write_bytes(data[: len(data) // 2])
@@ -439,6 +441,9 @@ def test_user_errors(setup):
         OffloadConfig(policy="psychic")
     with pytest.raises(ConfigError):
         make_tier("floppy")
+    for gbps, latency in ((float("nan"), 1.0), (float("inf"), 1.0), (1.0, float("nan")), (0.0, 1.0)):
+        with pytest.raises(ConfigError, match="link needs gbps > 0"):
+            make_tier("link", gbps=gbps, latency_us=latency)
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA"):
             make_tier("cuda")

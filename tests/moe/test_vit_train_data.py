@@ -118,6 +118,22 @@ def test_vit_config_refuses_non_positive_sizes(field):
         ViTConfig(**{field: 0})
 
 
+def test_training_that_diverges_stops_with_one_line_and_saves_nothing(fake_fmnist, tmp_path, capsys):
+    from lmlab.cli import main
+
+    out = tmp_path / "never"
+    code = main(["moe", "train", "--data", str(fake_fmnist), "--val-size", "20", "--steps", "20", "--batch-size", "8",
+                 "--dim", "16", "--depth", "2", "--heads", "2", "--patch-size", "7", "--lr", "1e12",
+                 "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "training diverged at step" in err and "lower the learning rate" in err, err
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="lr and min_lr must be >= 0"):
+        TrainConfig(lr=float("nan"))
+    with pytest.raises(ConfigError, match="ewa_beta"):
+        TrainConfig(ewa_beta=float("nan"))
+
+
 def test_empty_batches_and_training_sets_are_refused(fake_fmnist):
     with pytest.raises(ConfigError, match="batch_size"):
         TrainConfig(batch_size=0)
@@ -132,10 +148,13 @@ def test_empty_batches_and_training_sets_are_refused(fake_fmnist):
 
 @pytest.mark.parametrize("args,why", [(["--heads", "0"], "heads"), (["--patch-size", "0"], "patch_size"),
                                       (["--batch-size", "0"], "batch_size"), (["--train-size", "0"], "train_size"),
-                                      (["--mlp", "soft", "--capacity-factor", "-1"], "capacity_factor"),
+                                      (["--mlp", "soft", "--capacity-factor", "-1"], "--capacity-factor"),
                                       (["--lr", "-1"], "lr"), (["--threads", "-3"], "--threads"),
-                                      (["--ewa", "--ewa-beta", "2"], "ewa_beta"),
-                                      (["--ewa", "--ewa-beta", "-0.5"], "ewa_beta")])
+                                      (["--ewa", "--ewa-beta", "2"], "--ewa-beta"),
+                                      (["--ewa", "--ewa-beta", "-0.5"], "--ewa-beta"),
+                                      (["--lr", "nan"], "--lr"), (["--ewa-beta", "5"], "--ewa-beta"),
+                                      (["--mlp", "soft", "--k", "0"], "--k"), (["--experts", "-1"], "--experts"),
+                                      (["--seed", "-1"], "--seed")])
 def test_cli_train_refuses_bad_sizes_in_one_line(fake_fmnist, tmp_path, capsys, args, why):
     from lmlab.cli import main
 

@@ -11,7 +11,7 @@ import json
 
 import click
 
-from lmlab.cli import at_least
+from lmlab.cli import at_least, between, greater_than
 
 MLP_KINDS = ("dense", "soft", "token_choice", "expert_choice", "ewa")
 
@@ -25,19 +25,22 @@ def moe_group():
 @click.option("--mlp", "kind", type=click.Choice(MLP_KINDS), default="soft", show_default=True,
               help="MLP of the last --moe-layers blocks.")
 @click.option("--ewa", is_flag=True, help="EWA training: --mlp ewa, averaging with --ewa-beta, collapsed at the end.")
-@click.option("--ewa-beta", type=float, default=0.3, show_default=True, help="EWA share rate beta.")
-@click.option("--experts", "num_experts", type=int, default=8, show_default=True)
-@click.option("--moe-layers", type=int, default=2, show_default=True, help="How many of the last blocks are MoE.")
-@click.option("--capacity-factor", type=float, default=1.0, show_default=True)
-@click.option("--k", type=int, default=1, show_default=True, help="Token choice: experts per token.")
+@click.option("--ewa-beta", type=float, default=0.3, show_default=True, callback=between(0, 1),
+              help="EWA share rate beta.")
+@click.option("--experts", "num_experts", type=int, default=8, show_default=True, callback=at_least(1))
+@click.option("--moe-layers", type=int, default=2, show_default=True, callback=at_least(0),
+              help="How many of the last blocks are MoE.")
+@click.option("--capacity-factor", type=float, default=1.0, show_default=True, callback=greater_than(0))
+@click.option("--k", type=int, default=1, show_default=True, callback=at_least(1),
+              help="Token choice: experts per token.")
 @click.option("--dim", type=int, default=64, show_default=True)
 @click.option("--depth", type=int, default=4, show_default=True)
 @click.option("--heads", type=int, default=4, show_default=True)
 @click.option("--patch-size", type=int, default=4, show_default=True)
 @click.option("--steps", type=int, default=1500, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, callback=at_least(0))
+@click.option("--seed", type=int, default=0, show_default=True, callback=at_least(0))
 @click.option("--data", "data_root", default=None, help="Folder with the Fashion-MNIST IDX files.")
 @click.option("--val-size", type=int, default=5000, show_default=True)
 @click.option("--train-size", type=int, default=None, help="Use only this many training images.")

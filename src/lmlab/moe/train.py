@@ -10,6 +10,7 @@ seed / setting) in spawned worker processes with one torch thread each, for the 
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -45,9 +46,9 @@ class TrainConfig:
         if self.steps < 1 or self.batch_size < 1:  # an empty batch trains on nothing and logs a NaN loss
             raise ConfigError(f"steps and batch_size must be >= 1, got steps={self.steps}, "
                               f"batch_size={self.batch_size}")
-        if self.lr < 0 or self.min_lr < 0:
+        if not (0 <= self.lr < math.inf and 0 <= self.min_lr < math.inf):  # NaN fails both
             raise ConfigError(f"lr and min_lr must be >= 0, got lr={self.lr}, min_lr={self.min_lr}")
-        if not 0.0 <= self.ewa_beta <= 1.0:  # checked here, before training, not at the first EWA update
+        if not 0.0 <= self.ewa_beta <= 1.0:  # NaN too  # checked here, before training, not at the first EWA update
             raise ConfigError(f"ewa_beta (EWA's share rate) must be in [0, 1], got {self.ewa_beta}")
 
 
@@ -104,6 +105,11 @@ def train_classifier(model: ViT, data: ImageSplit, config: TrainConfig, *, progr
             ewa_update_(model, config.ewa_beta)
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
+        if not math.isfinite(losses[-1]):  # every later step would be NaN too, and the saved model useless
+            if bar is not None:
+                bar.close()
+            raise ConfigError(f"training diverged at step {step + 1}: the loss is {losses[-1]}; lower the learning "
+                              f"rate (lr={config.lr})")
         aux_losses.append(float(out.aux_loss.detach()))
         if bar is not None:
             bar.update(1)

@@ -99,7 +99,8 @@ class ExpertStore:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file():
-            raise DataError(f"expert store {self.path} does not exist: write it with "
+            what = "is a folder, not a file" if self.path.is_dir() else "does not exist"
+            raise DataError(f"expert store {self.path} {what}: write one with "
                             "lmlab.moe.offload.save_expert_store(model, path)")
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:

@@ -25,6 +25,7 @@ on-demand loads. The link's time (latency + bytes / bandwidth) is a reserved tim
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -76,7 +77,7 @@ class LinkTier(PageCacheTier):
     name = "link"
 
     def __init__(self, gbps: float, *, latency_us: float = 10.0):
-        if gbps <= 0 or latency_us < 0:
+        if not (0 < gbps < math.inf and 0 <= latency_us < math.inf):  # NaN fails both
             raise ConfigError(f"link needs gbps > 0 and latency_us >= 0, got {gbps}, {latency_us}")
         self.gbps, self.latency_us = gbps, latency_us
         self._busy_until = 0.0
