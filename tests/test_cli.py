@@ -67,6 +67,12 @@ def test_usage_errors_and_unwritable_paths_are_one_line(capsys, tmp_path):
     assert "Traceback" not in err and afile.read_text() == "x"
 
 
+def test_ls_refuses_an_unknown_family(capsys):
+    assert main(["ls", "--family", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown --family 'bogus': choose from" in err and "moe" in err and len(err.strip().splitlines()) == 1
+
+
 def test_number_callbacks_refuse_nan_and_infinity():
     from lmlab.cli import at_least, between, greater_than
     from lmlab.errors import ConfigError

@@ -83,6 +83,9 @@ def ls_command(markdown: bool, family: str | None):
     """List every technique of the roundup: paper, module, command, recipe and status."""
     from lmlab import registry
 
+    families = sorted({t.family for t in registry.TECHNIQUES})
+    if family is not None and family not in families:
+        raise ConfigError(f"unknown --family {family!r}: choose from {', '.join(families)}")
     if markdown:
         click.echo(registry.markdown_table(), nl=False)
         return

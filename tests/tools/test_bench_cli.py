@@ -137,9 +137,15 @@ def test_prompt_command_answers_a_base_model_in_completion_format(catalog, model
     (["bench", "cloud-cli", "--catalog", "{cat}", "--n-demos", "-2", "--model", "tiny:micro"],
      "--n-demos must be at least 0, not -2"),
     (["prompt", "{cat}", "knob", "--n-docs", "0"], "--n-docs must be at least 1, not 0"),
+    (["retrieve", "{cat}", "  "], "REQUEST is empty"),
+    (["prompt", "{cat}", ""], "REQUEST is empty"),
+    (["retrieve", "{cat}", "knob", "--method", "dense", "--model", "{empty}"], "is not a sentence-transformers model"),
+    (["ingest", "manpages", "--tracks", "ga,nope", "--out", "{empty}/cat"], "unknown release track(s) nope"),
+    (["ingest", "openapi", "{empty}", "--license", "NOT-A-LICENCE", "--out", "{empty}/cat"],
+     "--license 'NOT-A-LICENCE' is not a licence lmlab recognises"),
 ])
-def test_negative_counts_are_one_line(catalog, capsys, args, message):
-    rc = main(["tools", *(a.replace("{cat}", str(catalog)) for a in args)])
+def test_bad_values_are_one_line(catalog, capsys, tmp_path, args, message):
+    rc = main(["tools", *(a.replace("{cat}", str(catalog)).replace("{empty}", str(tmp_path)) for a in args)])
     err = capsys.readouterr().err
     assert rc == 2 and err.strip().count("\n") == 0 and message in err and "Traceback" not in err
 

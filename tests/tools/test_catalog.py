@@ -185,3 +185,13 @@ def test_save_refuses_to_replace_a_folder_that_is_not_a_catalogue(tmp_path, caps
     save_catalog(tools, empty, info={})  # an empty folder, or an earlier catalogue, is replaced
     save_catalog(tools[:1], empty, info={})
     assert len(load_catalog(empty)) == 1
+
+
+def test_ingest_license_is_normalised_to_spdx_and_own_licences_pass(tmp_path):
+    from lmlab.cli import main
+
+    for given, stored in (("apache 2.0", "Apache-2.0"), ("LicenseRef-Internal", "LicenseRef-Internal")):
+        out = tmp_path / given.replace(" ", "_")
+        assert main(["tools", "ingest", "openapi", str(FIX / "openapi_minimal.json"), "--license", given,
+                     "--out", str(out)]) == 0
+        assert {t.license for t in load_catalog(out).tools} == {stored}

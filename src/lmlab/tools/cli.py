@@ -33,6 +33,26 @@ def _warnings_to_stderr() -> None:
     logger.setLevel(logging.WARNING)
 
 
+def _check_license(text: str) -> str:
+    """--license as its SPDX expression ('apache 2.0' -> 'Apache-2.0'); '' stays '' (the source's own). A name
+    lmlab cannot classify is refused unless it is an SPDX ``LicenseRef-`` (a licence of your own)."""
+    if not text:
+        return ""
+    from lmlab.corpus.licenses import LicenseClass, classify
+
+    lic = classify(text)
+    if lic.license_class == LicenseClass.UNKNOWN and not text.startswith("LicenseRef-"):
+        raise ConfigError(f"--license {text!r} is not a licence lmlab recognises: give an SPDX expression (e.g. "
+                          "Apache-2.0, CC-BY-4.0) or LicenseRef-NAME for a licence of your own")
+    return lic.expression if lic.license_class != LicenseClass.UNKNOWN else text
+
+
+def _check_request(ctx, param, value: str) -> str:
+    if not value.strip():
+        raise ConfigError(f"{param.human_readable_name} is empty: say what the tool should do")
+    return value
+
+
 def _check_mode(ctx, param, value):
     """--mode as a plain string, so that a wrong one is an LmlabError (one line, exit 2), not a usage dump."""
     if value not in PROMPT_MODES:
@@ -57,12 +77,13 @@ def ingest_command(kind, paths, out, tracks, include_groups, license_):
     """Build a catalogue from man pages (default: the gcloud reference), discovery documents
     (default: those bundled with google-api-python-client) or OpenAPI 3 specs (files or folders)."""
     _warnings_to_stderr()
+    license_ = _check_license(license_)
     if kind == "manpages":
         from lmlab.tools.manpages import ingest_manpages
 
         paths = list(paths) or [DEFAULT_MAN]
-        tools = ingest_manpages(paths, tracks=tuple(tracks.split(",")), include_groups=include_groups,
-                                license=license_ or "Apache-2.0", progress=True)
+        tools = ingest_manpages(paths, tracks=tuple(t.strip() for t in tracks.split(",")),
+                                include_groups=include_groups, license=license_ or "Apache-2.0", progress=True)
     elif kind == "discovery":
         from lmlab.tools.discovery import ingest_discovery
 
@@ -94,7 +115,7 @@ def show_command(catalog, name, as_json):
 
 @tools_group.command("retrieve")
 @click.argument("catalog", type=click.Path(exists=True, file_okay=False))
-@click.argument("request")
+@click.argument("request", callback=_check_request)
 @click.option("--method", type=click.Choice(["bm25", "dense"]), default="bm25", show_default=True)
 @click.option("-k", default=5, show_default=True, callback=at_least(1), help="results to show")
 @click.option("--index", type=click.Path(file_okay=False), default=None,
@@ -216,7 +237,7 @@ def bench_cloud_cli(catalog, mode, model, limit, split, n_docs, n_demos, budget,
 
 @tools_group.command("prompt")
 @click.argument("catalog", type=click.Path(exists=True, file_okay=False))
-@click.argument("request")
+@click.argument("request", callback=_check_request)
 @click.option("--mode", default="docs", show_default=True, callback=_check_mode, help=MODE_HELP)
 @click.option("--n-docs", default=3, show_default=True, callback=at_least(1))
 @click.option("--n-demos", default=3, show_default=True, callback=at_least(0),

@@ -32,7 +32,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmlab.errors import DataError
+from lmlab.errors import ConfigError, DataError
 from lmlab.tools.catalog import Example, Parameter, Tool
 
 log = logging.getLogger("lmlab.tools")
@@ -649,6 +649,9 @@ def page_to_tool(page: ManPage, *, license: str = "Apache-2.0") -> Tool:
                 one_of_required=tuple(syn.one_of_required), meta=meta)
 
 
+TRACKS = ("ga", "beta", "alpha")  # gcloud release tracks
+
+
 def ingest_manpages(paths, *, tracks: tuple[str, ...] = ("ga",), include_groups: bool = False,
                     license: str = "Apache-2.0", progress: bool = False) -> list[Tool]:
     """Catalogue records for man page files (or folders: every ``*.1`` / ``*.1.gz`` inside).
@@ -656,6 +659,9 @@ def ingest_manpages(paths, *, tracks: tuple[str, ...] = ("ga",), include_groups:
     ``tracks`` keeps gcloud release tracks ("ga", "beta", "alpha"); command groups (pages with a
     COMMANDS or GROUPS section) are skipped unless ``include_groups``.
     """
+    if not tracks or set(tracks) - set(TRACKS):
+        raise ConfigError(f"unknown release track(s) {', '.join(sorted(set(tracks) - set(TRACKS))) or '(none)'}: "
+                          f"choose from {', '.join(TRACKS)}")
     files: list[Path] = []
     for p in [paths] if isinstance(paths, (str, Path)) else paths:
         p = Path(p)

