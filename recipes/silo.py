@@ -244,17 +244,17 @@ def main(argv=None) -> int:
     first = None  # the first seed's (experiment, datastore, results): the size curve and SmolLM2 use it
     for seed in seeds:
         torch.manual_seed(seed)
-        cfg = ExperimentConfig(
-            work=str(Path(args.work) / f"seed{seed}"), corpus=corpus, from_specs=tuple(args.from_specs),
-            max_mb_per_source=args.max_mb_per_source, permissive_mb=args.permissive_mb,
-            restricted_mb=args.restricted_mb, attribution=args.attribution, vocab_size=args.vocab_size,
-            preset=args.preset, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-            parallel=not args.sequential, window=args.window, eval_tokens=args.eval_tokens, factory=args.factory,
-            train_size=args.train_size, k_grid=tuple(k_grid),
-            ric_block_tokens=args.ric_block_tokens, seed=seed, device=args.device)
-        log(f"seed {seed} ({len(per_seed) + 1} of {len(seeds)}) in {cfg.work}")
-        exp = SiloExperiment(cfg, echo=log)
         try:
+            cfg = ExperimentConfig(  # checks every value: a bad flag is one line
+                work=str(Path(args.work) / f"seed{seed}"), corpus=corpus, from_specs=tuple(args.from_specs),
+                max_mb_per_source=args.max_mb_per_source, permissive_mb=args.permissive_mb,
+                restricted_mb=args.restricted_mb, attribution=args.attribution, vocab_size=args.vocab_size,
+                preset=args.preset, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                parallel=not args.sequential, window=args.window, eval_tokens=args.eval_tokens,
+                factory=args.factory, train_size=args.train_size, k_grid=tuple(k_grid),
+                ric_block_tokens=args.ric_block_tokens, seed=seed, device=args.device)
+            log(f"seed {seed} ({len(per_seed) + 1} of {len(seeds)}) in {cfg.work}")
+            exp = SiloExperiment(cfg, echo=log)
             exp.prepare()
             exp.train_lms()
             ds = exp.build_datastore()

@@ -218,11 +218,17 @@ def test_source_prefix_optout(store):
     rep = store.optout(sources=["debian:p2@*"])
     assert rep.documents == 3
     assert all(store.removed_docs[i] == store.docs[i].source.startswith("debian:p2@") for i in range(len(store.docs)))
+    with pytest.raises(ConfigError, match="unknown licence class 'nope'"):  # not "no document matches", nor kept
+        store.optout(doc_ids=["doc00"], license_classes=["nope"])
+    assert "nope" not in json.loads((store.folder / "manifest.json").read_text())["tombstones"]["license_classes"]
 
 
 def test_bad_shard_and_empty_corpus(tiny, docs, small_config, tmp_path, doc_cls):
     with pytest.raises(ConfigError):
         build_datastore(docs, tiny, tmp_path / "x", small_config, shard=(3, 2))
+    for bad in (0, -1):  # an IVF index that probes no list finds nothing; -3 overflowed in faiss
+        with pytest.raises(ConfigError, match="nprobe must be at least 1"):
+            DatastoreConfig(factory="IVF16,Flat", nprobe=bad)
     with pytest.raises(DataError, match="no tokens"):
         build_datastore([doc_cls("e", "", "s", "MIT", "permissive_sw")], tiny, tmp_path / "e", small_config,
                         progress=False)

@@ -116,8 +116,8 @@ def test_rerun_with_other_settings_is_refused(tmp_path, corpus):
     from lmlab.silo.experiment import SiloExperiment
 
     quiet = dict(echo=lambda *_: None)
-    with pytest.raises(DataError, match="no permissive train documents"):  # stopped before building anything
-        SiloExperiment(_config(tmp_path, corpus, permissive_mb=0), **quiet).prepare()
+    with pytest.raises(DataError, match="not an lmlab corpus"):  # stopped before building anything
+        SiloExperiment(_config(tmp_path, tmp_path / "none", steps=12), **quiet).prepare()
     SiloExperiment(_config(tmp_path, corpus), **quiet).prepare()  # so the corrected flag is taken
     # evaluation-only settings, the device and the training mode may change: nothing built depends on them
     SiloExperiment(_config(tmp_path, corpus, eval_tokens=200, k_grid=(8,), parallel=True), **quiet).prepare()

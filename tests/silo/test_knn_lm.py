@@ -122,6 +122,16 @@ def test_wrong_model_and_bad_config_refused(store):
         KnnLMConfig(lmbda=1.5).validate()
     with pytest.raises(ConfigError):
         KnnLMConfig(distance="cosine").validate()
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="temperature must be a positive finite number"):
+            KnnLMConfig(temperature=bad)
+
+
+def test_k_above_the_datastore_is_clamped_to_it(store, tiny):
+    # k = 10**8 padded every search to 10**8 columns (45 s for a few generated tokens)
+    knn = KnnLM(tiny, store, KnnLMConfig(k=len(store) + 100, lmbda=0.5))
+    D, vals, I = knn._neighbours(torch.as_tensor(np.asarray(store.keys[:3], np.float32)), knn.config.k)  # noqa: E741
+    assert D.shape == vals.shape == I.shape == (3, len(store)) and (I >= 0).all()
 
 
 def test_tiny_sampling_temperature_is_greedy_and_seed_is_bounded(store, tiny, docs):

@@ -143,3 +143,21 @@ def test_a_failed_optout_is_audited_answered_in_json_and_can_be_retried(store, t
     assert [e["outcome"] for e in log] == ["failed", "failed", "removed"]
     assert "No space left" in log[0]["message"] and log[1]["documents"] == 1  # the datastore's part was done
     assert RicLM.load(ric.folder).removed_docs.sum() == 1 == Datastore.load(store.folder).removed_docs.sum()
+
+
+def test_serve_on_a_taken_port_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import socket
+
+    from lmlab.cli import main
+
+    monkeypatch.setattr("lmlab.lm.models.load", lambda *a, **k: pytest.fail("loaded a model before binding"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for host, why in (("127.0.0.1", "in use"), ("999.1.1.1", "999.1.1.1")):  # uvicorn: rc 3 and its log
+            assert main(["silo", "serve", "--datastore", str(tmp_path), "--model", "tiny:micro", "--host", host,
+                         "--port", port]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"lmlab: error: cannot serve on {host}:{port}: ") and why in err
+            assert err.count("\n") == 1

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import click
 
+from lmlab.cli import at_least
+from lmlab.errors import ConfigError
+
 RESTRICTED = ("copyleft", "noncommercial", "unknown")  # SILO's datastore pool: everything not permissive
 
 
@@ -19,19 +22,32 @@ def _shard(value: str | None) -> tuple[int, int] | None:
     try:
         i, n = (int(x) for x in value.split("/"))
     except ValueError:
-        raise click.BadParameter(f"--shard takes i/n (e.g. 0/4), not {value!r}") from None
+        i = n = -1
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard takes i/n with 0 <= i < n (e.g. 0/4), not {value!r}")
     return i, n
 
 
 def _load_model(spec: str, tokenizer: str | None):
+    """Load a model; ``tokenizer`` (a folder) is refused for anything but tiny:* (which has no tokenizer of its
+    own), as a model folder or named model would ignore it."""
     from lmlab.lm import models
 
     tok = None
     if tokenizer:
+        if not spec.startswith("tiny:"):
+            raise ConfigError(f"--tokenizer is for tiny:* models only; {spec} comes with its own tokenizer: "
+                              "drop --tokenizer")
         from lmlab.lm.tokenizer import load as load_tokenizer
 
         tok = load_tokenizer(tokenizer)
     return models.load(spec, tokenizer=tok)
+
+
+def _selected_classes(classes: tuple[str, ...], restricted: bool) -> tuple[str, ...]:
+    if classes and restricted:
+        raise ConfigError(f"give --license-class or --restricted (= {', '.join(RESTRICTED)}), not both")
+    return tuple(classes) or (RESTRICTED if restricted else ())
 
 
 def open_documents(path: str, license_classes: tuple[str, ...] = (), *, max_docs: int | None = None):
@@ -44,7 +60,7 @@ def open_documents(path: str, license_classes: tuple[str, ...] = (), *, max_docs
     if license_classes:
         corpus = corpus.filter(license_classes=list(license_classes))
     docs = iter(corpus)
-    return itertools.islice(docs, max_docs) if max_docs else docs
+    return itertools.islice(docs, max_docs) if max_docs is not None else docs
 
 
 def _texts(path: str, max_docs: int | None = None) -> list[str]:
@@ -56,27 +72,34 @@ def silo_group():
     """SILO (arXiv 2308.04430): a datastore of restricted text beside a permissively trained LM."""
 
 
-def _datastore_options(f):
-    for opt in reversed([
-        click.option("--key-point", default="final", show_default=True,
-                     help="'final' (hidden_states[-1]) or MODULE:input|output, e.g. model.layers.3.mlp:input."),
-        click.option("--window", default=1024, show_default=True, help="Tokens per window (<= model positions)."),
-        click.option("--stride", default=512, show_default=True),
-        click.option("--batch-size", default=8, show_default=True),
-        click.option("--docs-per-chunk", default=64, show_default=True, help="Unit of resume and sharding."),
-        click.option("--factory", default="Flat", show_default=True,
-                     help="faiss index_factory string, e.g. IVF4096,PQ64 for large stores; 'auto' picks by size."),
-        click.option("--nprobe", default=8, show_default=True),
-    ]):
-        f = opt(f)
-    return f
+def _options(*options):
+    def decorate(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return decorate
 
 
-def _ds_config(key_point, window, stride, batch_size, docs_per_chunk, factory, nprobe):
-    from lmlab.silo import DatastoreConfig
+def _encoding_options(*, merge: bool = False):
+    """The settings a datastore's keys are encoded with; merge-shards takes them only to check the shards'."""
+    def option(name, default, help_):
+        if merge:
+            return click.option(name, default=None, type=type(default), help=f"{help_} Checked: must be the shards'.")
+        return click.option(name, default=default, show_default=True, help=help_)
 
-    return DatastoreConfig(key_point=key_point, window=window, stride=stride, batch_size=batch_size,
-                           docs_per_chunk=docs_per_chunk, factory=factory, nprobe=nprobe)
+    return _options(
+        option("--key-point", "final",
+               "'final' (hidden_states[-1]) or MODULE:input|output, e.g. model.layers.3.mlp:input."),
+        option("--window", 1024, "Tokens per window (<= model positions)."),
+        option("--stride", 512, "Tokens between window starts."),
+        option("--docs-per-chunk", 64, "Unit of resume and sharding."))
+
+
+_index_options = _options(
+    click.option("--factory", default="Flat", show_default=True,
+                 help="faiss index_factory string, e.g. IVF4096,PQ64 for large stores; 'auto' picks by size."),
+    click.option("--nprobe", default=8, show_default=True, help="IVF lists probed per search (>= 1)."))
 
 
 @silo_group.command("build-datastore")
@@ -89,15 +112,21 @@ def _ds_config(key_point, window, stride, batch_size, docs_per_chunk, factory, n
               help="Only documents of these classes (repeatable). Default: all documents.")
 @click.option("--restricted", is_flag=True, help=f"Only the restricted classes ({', '.join(RESTRICTED)}).")
 @click.option("--shard", default=None, help="Encode shard i/n only; join shards with `lmlab silo merge-shards`.")
-@click.option("--max-docs", default=None, type=int, help="Only the first N documents.")
-@_datastore_options
+@click.option("--max-docs", default=None, type=int, callback=at_least(1), help="Only the first N documents.")
+@_encoding_options()
+@click.option("--batch-size", default=8, show_default=True)
+@_index_options
 def build_cmd(corpus_path, model_spec, tokenizer, out, classes, restricted, shard, max_docs, **kw):
     """Encode a corpus into a datastore (keys, next tokens, provenance) and index it; resumable."""
-    from lmlab.silo import build_datastore
+    from lmlab.silo import DatastoreConfig, build_datastore
+    from lmlab.silo.datastore import KIND, existing_artefact
 
+    config, shard = DatastoreConfig(**kw), _shard(shard)  # every option is checked before the model loads
+    if shard is None:
+        existing_artefact(out, KIND)
+    docs = open_documents(corpus_path, _selected_classes(classes, restricted), max_docs=max_docs)
     loaded = _load_model(model_spec, tokenizer)
-    docs = open_documents(corpus_path, tuple(classes) or (RESTRICTED if restricted else ()), max_docs=max_docs)
-    res = build_datastore(docs, loaded, out, _ds_config(**kw), shard=_shard(shard))
+    res = build_datastore(docs, loaded, out, config, shard=shard)
     if isinstance(res, dict):
         click.echo(f"shard {res['shard'][0]}/{res['shard'][1]}: {res['entries_this_shard']} entries -> {out}")
     else:
@@ -111,12 +140,22 @@ def build_cmd(corpus_path, model_spec, tokenizer, out, classes, restricted, shar
 @silo_group.command("merge-shards")
 @click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path())
-@_datastore_options
-def merge_cmd(shards, out, **kw):
+@_encoding_options(merge=True)
+@_index_options
+def merge_cmd(shards, out, factory, nprobe, **encoding):
     """Join the shard folders of `build-datastore --shard i/n` into one datastore."""
-    from lmlab.silo import merge_shards
+    from lmlab.errors import ManifestMismatchError
+    from lmlab.silo import DatastoreConfig, merge_shards
+    from lmlab.silo.datastore import shard_settings
 
-    ds = merge_shards(list(shards), out, _ds_config(**kw))
+    config = DatastoreConfig(factory=factory, nprobe=nprobe)
+    built = shard_settings(shards)
+    wrong = [f"--{k.replace('_', '-')} {v} (the shards': {built.get(k)})" for k, v in encoding.items()
+             if v is not None and v != built.get(k)]
+    if wrong:  # the keys are encoded already: a merge cannot change how
+        raise ManifestMismatchError(f"the shards were encoded with other settings than {', '.join(wrong)}: drop "
+                                    "those options, or rebuild the shards with them")
+    ds = merge_shards(list(shards), out, config)
     click.echo(f"datastore {out}: {ds.n_entries} entries from {len(shards)} shards")
 
 
@@ -138,31 +177,34 @@ def _knn_options(f):
 @click.option("--validation", required=True, type=click.Path(exists=True), help="Text/corpus to tune k, T, lambda on.")
 @click.option("--test", "test_path", required=True, type=click.Path(exists=True), help="Text/corpus to report on.")
 @click.option("--ric", default=None, type=click.Path(exists=True), help="A RIC-LM index (`lmlab silo build-ric`).")
-@click.option("--ric-window", default=None, type=int, help="RIC-LM window (default: positions - blocks).")
-@click.option("--max-docs", default=None, type=int)
+@click.option("--ric-window", default=None, type=int, callback=at_least(1),
+              help="RIC-LM window (default: positions - blocks).")
+@click.option("--max-docs", default=None, type=int, callback=at_least(1))
 @click.option("--rescore", is_flag=True)
 @click.option("--json", "json_out", default=None, type=click.Path(), help="Also write the numbers here.")
 def eval_cmd(datastore, model_spec, tokenizer, validation, test_path, ric, ric_window, max_docs, rescore, json_out):
     """Tune kNN-LM on validation (silo-lm grid), report parametric / kNN-LM (/ RIC-LM) perplexity on test."""
     from lmlab.silo import Datastore, KnnLM, KnnLMConfig
+    from lmlab.silo.datastore import output_file
 
+    if ric_window is not None and not ric:
+        raise ConfigError("--ric-window is the window of RIC-LM: give --ric too, or drop it")
+    if json_out:
+        output_file(json_out, "--json")
+    val_texts, test_texts = _texts(validation, max_docs), _texts(test_path, max_docs)
     loaded = _load_model(model_spec, tokenizer)
     ds = Datastore.load(datastore, loaded)
     knn = KnnLM(loaded, ds, KnnLMConfig(rescore=rescore))
-    tr = knn.tune(knn.encode(_texts(validation, max_docs)), progress=True)
+    if ric:  # opened and checked before the evaluation, not after it
+        r, ric_cfg = _ric_for(ric, loaded, ric_window)
+    tr = knn.tune(knn.encode(val_texts), progress=True)
     res = knn.with_config(k=tr.best.k, temperature=tr.best.temperature, lmbda=tr.best.lmbda).evaluate(
-        knn.encode(_texts(test_path, max_docs)), progress=True)
+        knn.encode(test_texts), progress=True)
     out = {"validation": {"ppl_lm": tr.ppl_lm, "ppl_knn": tr.best_ppl, "best": vars(tr.best)},
            "test": {"tokens": res.n_tokens, "ppl_lm": res.ppl_lm, "ppl_knn": res.ppl}}
     if ric:
-        from lmlab.silo.ric_lm import RicLM, RicLMConfig
-
-        r = RicLM.load(ric, loaded.tokenizer)
-        bt = int(r.manifest["block_tokens"])
-        window = ric_window or (loaded.model.config.max_position_embeddings - bt)
-        cfg = RicLMConfig(block_tokens=bt, n_blocks=1, window=window, stride=max(1, window // 2))
-        out["test"]["ppl_ric"] = r.evaluate(loaded.model, loaded.tokenizer, knn.encode(_texts(test_path, max_docs)),
-                                            cfg, progress=True).ppl
+        out["test"]["ppl_ric"] = r.evaluate(loaded.model, loaded.tokenizer, knn.encode(test_texts), ric_cfg,
+                                            progress=True).ppl
     click.echo(f"tuned on validation: k={tr.best.k} temperature={tr.best.temperature} lmbda={tr.best.lmbda}")
     for name, key in (("parametric", "ppl_lm"), ("+ kNN-LM", "ppl_knn"), ("+ RIC-LM", "ppl_ric")):
         if key in out["test"]:
@@ -173,20 +215,39 @@ def eval_cmd(datastore, model_spec, tokenizer, validation, test_path, ric, ric_w
         write_json_atomic(json_out, out)
 
 
+def _ric_for(folder: str, loaded, window: int | None):
+    """The RIC-LM index at ``folder`` (built with ``loaded``'s tokenizer) and its evaluation config: one block
+    before a window of ``window`` tokens (default: the positions the block leaves), checked against the model."""
+    from lmlab.silo.ric_lm import RicLM, RicLMConfig
+
+    r = RicLM.load(folder, loaded.tokenizer)
+    bt = int(r.manifest["block_tokens"])
+    positions = int(loaded.model.config.max_position_embeddings)
+    if window is None and positions - bt < 1:
+        raise ConfigError(f"{folder} holds blocks of {bt} tokens, which leave no room for a window in the model's "
+                          f"{positions} positions: rebuild it with a smaller --block-tokens")
+    window = window if window is not None else positions - bt
+    cfg = RicLMConfig(block_tokens=bt, n_blocks=1, window=window, stride=max(1, window // 2))
+    cfg.validate(positions)
+    return r, cfg
+
+
 @silo_group.command("build-ric")
 @click.option("--corpus", "corpus_path", required=True, type=click.Path(exists=True))
 @click.option("--model", "model_spec", required=True, help="Model whose tokenizer cuts the blocks.")
 @click.option("--tokenizer", default=None, type=click.Path())
 @click.option("--out", required=True, type=click.Path())
-@click.option("--block-tokens", default=256, show_default=True)
+@click.option("--block-tokens", default=256, show_default=True, callback=at_least(1))
 @click.option("--license-class", "classes", multiple=True)
 @click.option("--restricted", is_flag=True, help=f"Only the restricted classes ({', '.join(RESTRICTED)}).")
 def build_ric_cmd(corpus_path, model_spec, tokenizer, out, block_tokens, classes, restricted):
     """Index fixed-size token blocks of a corpus with BM25 for RIC-LM."""
-    from lmlab.silo.ric_lm import RicLM
+    from lmlab.silo.datastore import existing_artefact
+    from lmlab.silo.ric_lm import KIND, RicLM
 
+    existing_artefact(out, KIND)  # checked before the model loads
+    docs = open_documents(corpus_path, _selected_classes(classes, restricted))
     loaded = _load_model(model_spec, tokenizer)
-    docs = open_documents(corpus_path, tuple(classes) or (RESTRICTED if restricted else ()))
     r = RicLM.build(docs, loaded.tokenizer, out, block_tokens=block_tokens)
     click.echo(f"RIC-LM index {out}: {r.n_blocks} blocks of <= {block_tokens} tokens")
 
@@ -196,8 +257,8 @@ def build_ric_cmd(corpus_path, model_spec, tokenizer, out, block_tokens, classes
 @click.option("--model", "model_spec", required=True)
 @click.option("--tokenizer", default=None, type=click.Path())
 @click.option("--prompt", required=True)
-@click.option("--max-tokens", default=32, show_default=True)
-@click.option("--sample-temperature", default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--max-tokens", default=32, show_default=True, callback=at_least(1))
+@click.option("--sample-temperature", default=0.0, show_default=True, callback=at_least(0), help="0 is greedy.")
 @click.option("--attribute", is_flag=True, help="Print each token's top neighbours (document, licence, snippet).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @_knn_options
@@ -208,9 +269,9 @@ def generate_cmd(datastore, model_spec, tokenizer, prompt, max_tokens, sample_te
 
     from lmlab.silo import Datastore, KnnLM, KnnLMConfig
 
+    config = KnnLMConfig(k=k, temperature=temperature, lmbda=lmbda, rescore=rescore)
     loaded = _load_model(model_spec, tokenizer)
-    knn = KnnLM(loaded, Datastore.load(datastore, loaded),
-                KnnLMConfig(k=k, temperature=temperature, lmbda=lmbda, rescore=rescore))
+    knn = KnnLM(loaded, Datastore.load(datastore, loaded), config)
     g = knn.generate(prompt, max_tokens=max_tokens, temperature=sample_temperature)
     if as_json:
         click.echo(json.dumps(asdict(g), default=str, indent=1))
@@ -244,14 +305,14 @@ def format_attribution(tokens, *, max_tokens: int = 64) -> str:
 def optout_cmd(datastore, doc_ids, sources, classes, ric):
     """Remove documents from the datastore for good (index remove_ids + tombstones in the manifest)."""
     from lmlab.silo import Datastore
+    from lmlab.silo.ric_lm import RicLM
 
     ds = Datastore.load(datastore)
+    r = RicLM.load(ric) if ric else None  # every target is opened before either is changed
     rep = ds.optout(doc_ids=doc_ids, sources=sources, license_classes=classes)
     click.echo(f"removed {rep.documents} documents ({rep.entries} entries); {rep.live_entries} entries left")
-    if ric:
-        from lmlab.silo.ric_lm import RicLM
-
-        n = RicLM.load(ric).optout(doc_ids=doc_ids, sources=sources, license_classes=classes)
+    if r is not None:
+        n = r.optout(doc_ids=doc_ids, sources=sources, license_classes=classes)
         click.echo(f"RIC-LM: {n} more blocks masked")
 
 
@@ -269,14 +330,15 @@ def serve_cmd(datastore, model_spec, tokenizer, host, port, audit_log, k, temper
     import uvicorn
 
     from lmlab.silo import Datastore, KnnLMConfig
-    from lmlab.silo.server import SiloService, create_app
+    from lmlab.silo.server import SiloService, audit_log_path, create_app, listen
 
-    loaded = _load_model(model_spec, tokenizer)
-    service = SiloService(loaded, Datastore.load(datastore, loaded),
-                          KnnLMConfig(k=k, temperature=temperature, lmbda=lmbda, rescore=rescore),
-                          audit_log=audit_log)
-    click.echo(f"serving SILO at http://{host}:{port}/v1 (docs at /docs)", err=True)
-    uvicorn.run(create_app(service), host=host, port=port, log_level="info")
+    config = KnnLMConfig(k=k, temperature=temperature, lmbda=lmbda, rescore=rescore)
+    audit_log = audit_log_path(datastore, audit_log)
+    with listen(host, port) as sock:  # bound before the model loads: a taken port is one line, at once
+        loaded = _load_model(model_spec, tokenizer)
+        service = SiloService(loaded, Datastore.load(datastore, loaded), config, audit_log=audit_log)
+        click.echo(f"serving SILO at http://{host}:{sock.getsockname()[1]}/v1 (docs at /docs)", err=True)
+        uvicorn.Server(uvicorn.Config(create_app(service), log_level="info")).run(sockets=[sock])
 
 
 @silo_group.command("pipeline")
@@ -285,8 +347,10 @@ def serve_cmd(datastore, model_spec, tokenizer, host, port, audit_log, k, temper
 @click.option("--model", "model_spec", required=True, help="The (permissively trained) parametric LM.")
 @click.option("--tokenizer", default=None, type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Working folder (datastore, ric, results.json).")
-@click.option("--max-docs", default=None, type=int, help="Cap documents per split (for quick runs).")
-@click.option("--window", default=None, type=int, help="Window (default: min(1024, model positions)).")
+@click.option("--max-docs", default=None, type=int, callback=at_least(1),
+              help="Cap documents per split (for quick runs).")
+@click.option("--window", default=None, type=int, callback=at_least(2),
+              help="Window (default: min(1024, model positions)).")
 @click.option("--prompt", default=None, help="Prompt for the attributed sample (default: a test document's start).")
 @click.option("--reference", "reference_spec", default=None,
               help="An LM trained on everything (same tokenizer): adds its perplexity and the gap closed.")
@@ -295,18 +359,13 @@ def pipeline_cmd(corpus_dir, model_spec, tokenizer, out, max_docs, window, promp
     from lmlab.errors import DataError
     from lmlab.io import write_json_atomic
     from lmlab.silo import DatastoreConfig, KnnLM, KnnLMConfig, build_datastore
+    from lmlab.silo.datastore import output_folder
     from lmlab.silo.ric_lm import RicLM, RicLMConfig
 
-    corpus_dir, out = Path(corpus_dir), Path(out)
+    corpus_dir, out = Path(corpus_dir), output_folder(out, "--out")
     for split in ("train", "validation", "test"):
         if not (corpus_dir / split).is_dir():
             raise DataError(f"{corpus_dir} has no {split}/: make one with `lmlab corpus split`")
-    loaded = _load_model(model_spec, tokenizer)
-    positions = int(getattr(loaded.model.config, "max_position_embeddings", 1024))
-    window = window or min(1024, positions)
-    ds = build_datastore(open_documents(str(corpus_dir / "train"), RESTRICTED, max_docs=max_docs), loaded,
-                         out / "datastore", DatastoreConfig(window=window, stride=window // 2, factory="auto"))
-    knn = KnnLM(loaded, ds, KnnLMConfig())
 
     def restricted_texts(split):
         texts = [d.text for d in open_documents(str(corpus_dir / split), RESTRICTED, max_docs=max_docs)]
@@ -314,9 +373,22 @@ def pipeline_cmd(corpus_dir, model_spec, tokenizer, out, max_docs, window, promp
             raise DataError(f"{corpus_dir / split} has no restricted documents to evaluate on")
         return texts
 
-    tr = knn.tune(knn.encode(restricted_texts("validation")), progress=True)
+    val_texts, test_texts = restricted_texts("validation"), restricted_texts("test")
+    loaded = _load_model(model_spec, tokenizer)
+    if reference_spec:  # loaded and compared now, not after the datastore is built
+        from lmlab.lm.data import tokenizer_fingerprint
+
+        ref = _load_model(reference_spec, tokenizer if reference_spec.startswith("tiny:") else None)
+        if tokenizer_fingerprint(ref.tokenizer) != tokenizer_fingerprint(loaded.tokenizer):
+            raise DataError(f"--reference {reference_spec} has another tokenizer than --model: perplexities would "
+                            f"not be comparable")
+    positions = int(getattr(loaded.model.config, "max_position_embeddings", 1024))
+    window = window if window is not None else min(1024, positions)
+    ds = build_datastore(open_documents(str(corpus_dir / "train"), RESTRICTED, max_docs=max_docs), loaded,
+                         out / "datastore", DatastoreConfig(window=window, stride=window // 2, factory="auto"))
+    knn = KnnLM(loaded, ds, KnnLMConfig())
+    tr = knn.tune(knn.encode(val_texts), progress=True)
     knn = knn.with_config(k=tr.best.k, temperature=tr.best.temperature, lmbda=tr.best.lmbda)
-    test_texts = restricted_texts("test")
     res = knn.evaluate(knn.encode(test_texts), progress=True)
     bt = max(16, positions // 4)
     ric = RicLM.build(open_documents(str(corpus_dir / "train"), RESTRICTED, max_docs=max_docs), loaded.tokenizer,
@@ -330,14 +402,9 @@ def pipeline_cmd(corpus_dir, model_spec, tokenizer, out, max_docs, window, promp
                "test_tokens": res.n_tokens, "test_ppl_lm": res.ppl_lm, "test_ppl_knn": res.ppl,
                "test_ppl_ric": ric_res.ppl, "sample": {"prompt": prompt, "text": g.text}}
     if reference_spec:
-        from lmlab.lm.data import tokenizer_fingerprint
         from lmlab.lm.score import perplexity
         from lmlab.silo.experiment import gap_closed
 
-        ref = _load_model(reference_spec, tokenizer)
-        if tokenizer_fingerprint(ref.tokenizer) != tokenizer_fingerprint(loaded.tokenizer):
-            raise DataError(f"--reference {reference_spec} has another tokenizer than --model: perplexities would "
-                            f"not be comparable")
         ref_ppl = perplexity(ref.model, knn.encode(test_texts), window=window, stride=window // 2).ppl
         results.update(test_ppl_reference=ref_ppl, gap_closed_knn=gap_closed(res.ppl_lm, ref_ppl, res.ppl),
                        gap_closed_ric=gap_closed(res.ppl_lm, ref_ppl, ric_res.ppl))
@@ -369,8 +436,13 @@ def demo_cmd(work, corpus, max_mb_per_source, steps, preset, permissive_mb, rest
     About 11 minutes on 2 cores at the defaults, install included (`make demo` from a fresh clone).
     """
     from lmlab.io import write_json_atomic
+    from lmlab.silo.datastore import output_folder
     from lmlab.silo.experiment import ExperimentConfig, SiloExperiment, format_table, with_overrides
 
+    if corpus and max_mb_per_source is not None:
+        raise ConfigError("--max-mb-per-source caps the corpus the demo builds; with --corpus there is none to "
+                          "build: drop one of them")
+    output_folder(work, "--work")
     cfg = with_overrides(ExperimentConfig(work=work), corpus=corpus, max_mb_per_source=max_mb_per_source,
                          steps=steps, preset=preset, permissive_mb=permissive_mb, restricted_mb=restricted_mb,
                          eval_tokens=eval_tokens, parallel=False if sequential else None)

@@ -94,13 +94,17 @@ class DatastoreConfig:
     add_batch: int = 1_000_000  # vectors added per call (silo-lm num_keys_to_add_at_a_time)
     seed: int = 1  # sampling / training seed (silo-lm np.random.seed(1) before training)
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self, dim: int | None = None) -> None:
         """Check the options; with the key width ``dim``, also that faiss can build ``factory`` (before encoding)."""
         if self.window < 2 or not 0 < self.stride <= self.window:
             raise ConfigError(f"need window >= 2 and 0 < stride <= window; got window {self.window}, "
                               f"stride {self.stride}")
-        if self.docs_per_chunk < 1 or self.batch_size < 1:
-            raise ConfigError("docs_per_chunk and batch_size must be at least 1")
+        for name in ("docs_per_chunk", "batch_size", "nprobe", "train_size", "add_batch"):
+            if getattr(self, name) < 1:  # nprobe 0: an IVF search that probes no list finds nothing
+                raise ConfigError(f"{name} must be at least 1; got {getattr(self, name)}")
         parse_key_point(self.key_point)
         if dim is not None:
             check_factory(self.factory, dim)
@@ -300,7 +304,6 @@ def encode_parts(docs: Iterable, loaded, parts_dir: str | os.PathLike, config: D
     import torch
     from tqdm.auto import tqdm
 
-    config.validate()
     i_shard, n_shards = shard or (0, 1)
     if not 0 <= i_shard < n_shards:
         raise ConfigError(f"shard must be i/n with 0 <= i < n; got {i_shard}/{n_shards}")
@@ -406,6 +409,12 @@ def _read_parts(parts_dirs: list[Path]) -> tuple[dict, list[Path]]:
     return infos[0], files
 
 
+def shard_settings(shards: list[str | os.PathLike]) -> dict:
+    """The build settings (model, key point, window, stride, docs_per_chunk...) that shard folders agree on; the
+    errors :func:`merge_shards` would raise for shards that are unfinished, incomplete or disagree."""
+    return _read_parts([Path(s) for s in shards])[0]
+
+
 def auto_factory(n: int, dim: int) -> str:
     """A faiss factory string for ``n`` vectors of ``dim``: exact ``Flat`` up to 200k entries (a search scans
     < 100 MB), then ``IVF<nlist>,Flat`` with nlist ~ 4 sqrt(n) (faiss's guideline; a power of two) up to 5M,
@@ -468,6 +477,27 @@ def check_factory(factory: str, dim: int) -> None:
 def _abs(path: str | os.PathLike) -> Path:
     """An absolute, normalised path: ``.`` or ``ds/..`` have no name to derive the sibling folders from."""
     return Path(os.path.abspath(path))
+
+
+def output_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` if a file can be written there, else DataError naming ``what`` (e.g. ``--json``): it is a folder,
+    or lies under a file. Checked before the work whose result goes there, not after it."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{what} {path} is a folder: give the path of a file")
+    output_folder(path.parent, what, shown=path)
+    return path
+
+
+def output_folder(path: str | os.PathLike, what: str, *, shown: Path | None = None) -> Path:
+    """``path`` if a folder can be made or used there, else DataError naming ``what``: it or a parent is a file."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise DataError(f"{what} {shown or path} cannot be written: {p} is a file, not a folder")
+            break
+    return path
 
 
 def merge_tombstones(*tombstones: dict) -> dict:
@@ -945,13 +975,19 @@ def _readable(folder: Path, name: str):
 
 def check_optout_request(doc_ids: Iterable[str], sources: Iterable[str],
                          license_classes: Iterable[str]) -> tuple[list[str], list[str], list[str]]:
-    """The request as lists, or ConfigError: it names nothing, or a source pattern matches every document.
+    """The request as lists, or ConfigError: it names nothing, an unknown licence class, or a source pattern that
+    matches every document.
 
     Opt-outs are permanent, so a bare ``*`` (or an empty pattern) is refused rather than read as "remove
     everything"; opting out all of a datastore is a licence class at a time, or a rebuild without it."""
+    from lmlab.corpus import LicenseClass
+
     doc_ids, sources, license_classes = list(doc_ids), list(sources), list(license_classes)
     if not (doc_ids or sources or license_classes):
         raise ConfigError("opt-out needs at least one document id, source or licence class")
+    for c in license_classes:
+        if c not in set(LicenseClass):  # a typo would be kept as a tombstone that removes nothing
+            raise ConfigError(f"unknown licence class {c!r}: choose from {', '.join(LicenseClass)}")
     if any(s.rstrip("*") == "" for s in sources):
         raise ConfigError("an opt-out source of '*' or '' would match every document; name sources, groups or "
                           "source prefixes (e.g. 'debian:gpl-*'), or licence classes")

@@ -66,6 +66,22 @@ class ExperimentConfig:
     seed: int = 0
     device: str | None = None  # default: cuda when available
 
+    def __post_init__(self):
+        """Refuse nonsense before any work (a NaN size took every document; a negative one, none)."""
+        for name in ("max_mb_per_source", "permissive_mb", "restricted_mb", "lr"):
+            v = getattr(self, name)
+            if not 0 < v < math.inf:
+                raise ConfigError(f"{name} must be a positive finite number; got {v}")
+        for name, lo in (("vocab_size", 1), ("steps", 1), ("batch_size", 1), ("seq_len", 2), ("window", 2),
+                         ("eval_tokens", 2), ("train_size", 1)):
+            if getattr(self, name) < lo:
+                raise ConfigError(f"{name} must be at least {lo}; got {getattr(self, name)}")
+        if not self.k_grid or min(self.k_grid) < 1:
+            raise ConfigError(f"k_grid must hold neighbour counts >= 1; got {self.k_grid}")
+        if not 1 <= self.ric_block_tokens <= self.seq_len - 2:
+            raise ConfigError(f"ric_block_tokens ({self.ric_block_tokens}) must be at least 1 and leave at least 2 "
+                              f"of the seq_len ({self.seq_len}) positions to the scored window")
+
 
 # Fields that only change the evaluation (redone every run), where the run happens, or how the two LMs are
 # scheduled: they may change between runs over one work folder. Every other field shapes an artefact in it.
@@ -185,9 +201,6 @@ class SiloExperiment:
         from lmlab.lm import tokenizer
 
         cfg = self.cfg
-        if not 2 <= cfg.ric_block_tokens + 2 <= cfg.seq_len:
-            raise ConfigError(f"ric_block_tokens ({cfg.ric_block_tokens}) must leave at least 2 of the seq_len "
-                              f"({cfg.seq_len}) positions to the scored window")
         self.work.mkdir(parents=True, exist_ok=True)
         self.check_run("config", artefact_settings(cfg))
         corpus = self.corpus_dir

@@ -50,11 +50,14 @@ class KnnLMConfig:
     distance: str = "l2"  # "l2" (silo-lm exact scores) or "sq_l2" (urvashik/knnlm)
     rescore: bool = False  # exact distances from fp16 keys (for IVF-PQ indexes)
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> None:
         if self.k < 1:
             raise ConfigError(f"k must be at least 1; got {self.k}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be positive; got {self.temperature}")
+        if not 0 < self.temperature < math.inf:  # NaN fails too
+            raise ConfigError(f"temperature must be a positive finite number; got {self.temperature}")
         if not 0.0 <= self.lmbda <= 1.0:
             raise ConfigError(f"lmbda must be in [0, 1]; got {self.lmbda}")
         if self.distance not in ("l2", "sq_l2"):
@@ -172,7 +175,10 @@ class KnnLM:
 
     # search helpers
     def _neighbours(self, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(D, values) for queries (n, D): squared L2 distances (n, K) and the neighbours' value tokens (n, K)."""
+        """(D, values) for queries (n, D): squared L2 distances (n, K) and the neighbours' value tokens (n, K).
+
+        K is ``k`` clamped to the live entries: a larger k finds no more neighbours, only padding to search past."""
+        k = max(1, min(k, len(self.datastore)))
         xq = keys.float().cpu().numpy()
         res = self.datastore.search(xq, k, rescore=self.config.rescore)
         D, I = res.D, res.I  # noqa: E741

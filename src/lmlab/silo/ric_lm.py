@@ -49,9 +49,14 @@ class RicLMConfig:
     stride: int = 256  # silo-lm stride = window / 2
     batch_size: int = 8
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self, max_positions: int | None = None) -> None:
-        if self.block_tokens < 1 or self.n_blocks < 0:
-            raise ConfigError("block_tokens must be >= 1 and n_blocks >= 0")
+        if self.block_tokens < 1 or self.n_blocks < 0 or self.batch_size < 1:
+            raise ConfigError("block_tokens and batch_size must be >= 1 and n_blocks >= 0")
+        if self.window < 1:
+            raise ConfigError(f"window must be at least 1; got {self.window}")
         if not 0 < self.stride <= self.window:
             raise ConfigError(f"need 0 < stride <= window; got stride {self.stride}, window {self.window}")
         budget = self.n_blocks * self.block_tokens + self.window

@@ -26,6 +26,7 @@ meanwhile; its own opt-outs merge with those on disk.
 import hmac
 import json
 import os
+import socket
 import threading
 import time
 from dataclasses import asdict
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lmlab.errors import DataError
+from lmlab.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -83,8 +84,7 @@ class SiloService:
         self.knn = KnnLM(loaded, datastore, config or KnnLMConfig())
         self.datastore, self.ric = datastore, ric
         self.lock = threading.Lock()
-        folder = Path(os.path.abspath(datastore.folder))  # "." has no name to put ".audit.jsonl" after
-        self.audit_log = Path(audit_log) if audit_log else folder.with_name(folder.name + ".audit.jsonl")
+        self.audit_log = audit_log_path(datastore.folder, audit_log)
 
     def sync(self) -> None:
         """Pick up opt-outs another process wrote to the folders (call under ``self.lock``)."""
@@ -99,6 +99,31 @@ class SiloService:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def audit_log_path(datastore_folder: str | os.PathLike, audit_log: str | os.PathLike | None = None) -> Path:
+    """Where opt-outs are audited: ``audit_log``, or ``DATASTORE.audit.jsonl`` beside the datastore; DataError if no
+    file can be written there (a folder), found before serving rather than at the first opt-out."""
+    from lmlab.silo.datastore import output_file
+
+    folder = Path(os.path.abspath(datastore_folder))  # "." has no name to put ".audit.jsonl" after
+    return output_file(audit_log or folder.with_name(folder.name + ".audit.jsonl"), "the audit log")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for uvicorn, or ConfigError saying why not (the port is taken, the host is
+    not an address of this machine): one line before the model loads, not uvicorn's log after it."""
+    sock = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+        sock.bind(address)
+    except OSError as e:
+        if sock is not None:
+            sock.close()
+        raise ConfigError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 def _error(status: int, message: str):
