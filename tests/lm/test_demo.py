@@ -40,6 +40,35 @@ def test_demo_runs_end_to_end_and_lowers_perplexity(tmp_path, source):
 def test_demo_without_enough_text_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         run(DemoConfig(out=str(tmp_path / "d"), source=str(tmp_path / "none")), echo=lambda s: None)
+    (tmp_path / "afile.txt").write_text("text")
+    with pytest.raises(DataError, match="afile.txt is a file, not a folder"):  # said "does not exist"
+        run(DemoConfig(out=str(tmp_path / "d"), source=str(tmp_path / "afile.txt")), echo=lambda s: None)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--max-mb", "nan"], "max_mb must be positive and finite, not nan"),  # int(nan) ValueError
+    (["--seed", "-1"], "seed must be in [0, "),  # numpy's ValueError
+    (["--preset", "huge"], "unknown tiny preset 'huge'; choose one of micro, small, 7m"),  # after the tokenizer
+    (["--steps", "0"], "max_steps must be >= 1, not 0"),
+])
+def test_bad_demo_options_are_one_line_before_any_work(tmp_path, capsys, argv, words):
+    from lmlab.cli import main
+
+    assert main(["lm", "demo", "--out", str(tmp_path / "d"), "--source", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "d").exists()
+
+
+def test_the_preset_may_be_given_as_its_model_spec(tmp_path, monkeypatch):
+    # the help says tiny:<preset>, and `--preset tiny:micro` was an unknown preset
+    from lmlab.cli import main
+    from lmlab.lm import demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run", lambda cfg, echo: seen.append(cfg))
+    assert main(["lm", "demo", "--out", str(tmp_path / "d"), "--preset", "tiny:micro"]) == 0
+    assert seen[0].preset == "micro"
 
 
 def test_demo_resumes_after_an_interrupt_between_the_two_shard_renames(tmp_path, source, monkeypatch):

@@ -56,6 +56,8 @@ def test_broken_local_folders_fail_clearly(tmp_path, tiny, capsys):
         broken("noweights", lambda f: (f / weights).unlink()): "no file named model.safetensors",
         broken("truncweights", lambda f: (f / weights).write_bytes((good / weights).read_bytes()[:1000])): "header",
         broken("badconfig", lambda f: (f / "config.json").write_text("not json")): "not a valid JSON",
+        broken("badfield", lambda f: (f / "config.json").write_text(  # a huggingface_hub traceback
+            (good / "config.json").read_text().replace('"hidden_size": 32', '"hidden_size": "x"'))): "hidden_size",
         broken("badtokenizer", lambda f: (f / "tokenizer.json").write_text('{"x":')): "Expecting value",
     }
     for folder, reason in cases.items():

@@ -36,7 +36,8 @@ def test_rewarm_starts_from_start_lr_and_reaches_new_max():
 
 
 @pytest.mark.parametrize("kw", [dict(kind="linear"), dict(min_lr=1.0, max_lr=0.1), dict(warmup_steps=-1),
-                                dict(total_steps=0)])
+                                dict(total_steps=0), dict(max_lr=float("nan")), dict(max_lr=0.0), dict(min_lr=-1.0),
+                                dict(start_lr=-1.0), dict(start_lr=5.0), dict(start_lr=float("nan"))])
 def test_bad_schedules_are_refused(kw):
     with pytest.raises(ConfigError):
         Schedule(**kw)

@@ -202,3 +202,12 @@ def test_scores_ignore_dropout_of_a_model_left_in_train_mode():
         assert torch.equal(score.perplexity(model, ids, window=16, stride=8).token_nll, ref.token_nll)
         assert torch.equal(score.token_logprobs(model, ids[None]), ref_lp)
     assert model.training and all(m.training for m in model.modules())  # the caller's mode is restored
+
+
+def test_perplexity_command_refuses_a_negative_max_docs(tmp_path, capsys):
+    from lmlab.cli import main
+
+    (tmp_path / "t.txt").write_text("some text")
+    assert main(["lm", "perplexity", "--model", "tiny:micro", "--data", str(tmp_path), "--max-docs", "-1"]) == 2
+    err = capsys.readouterr().err  # islice's ValueError traceback
+    assert "--max-docs must be at least 0, not -1" in err and len(err.strip().splitlines()) == 1, err

@@ -173,6 +173,25 @@ def test_serve_lm_unknown_model_is_one_line_and_exit_2(capsys):
     assert err.count("\n") == 1 and "unknown model 'nosuchmodel'" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["--name", ""], "--name must not be empty"),  # served a model named ""
+    (["--host", "999.1.1.1"], "cannot listen on 999.1.1.1:"),  # rc 3 after 7 lines of uvicorn's log
+    (["--port", "{busy}"], "cannot listen on 127.0.0.1:{busy}: Address already in use"),
+])
+def test_serve_lm_refuses_a_bad_name_or_address_in_one_line_before_loading(capsys, monkeypatch, argv, words):
+    from lmlab.cli import main
+    from lmlab.lm import models
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("loaded the model first"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        assert main(["serve-lm", "tiny:micro", *(a.format(busy=port) for a in argv)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words.format(busy=port) in err and "serving" not in err, err
+
+
 @pytest.mark.slow
 def test_smollm2_over_http_equals_local_with_a_bpe_tokenizer_and_chat_template(smollm2):
     local = LocalHFBackend(smollm2.model, smollm2.tokenizer, batch_size=4)

@@ -27,6 +27,8 @@ def test_trained_bpe_compresses_and_round_trips(tmp_path):
 def test_bad_requests_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="vocab_size"):
         tokenizer.train_bpe(["x"], vocab_size=10)
+    with pytest.raises(ConfigError, match=r"vocab_size must be in \[258, 16777216\]"):  # `tokenizers` aborted (rc 134)
+        tokenizer.train_bpe(["x"], vocab_size=99_999_999_999)  # allocating 4.5 TB
     with pytest.raises(DataError, match="no text"):
         tokenizer.train_bpe([], vocab_size=300)
     with pytest.raises(DataError, match="does not exist"):

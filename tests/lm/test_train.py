@@ -182,6 +182,30 @@ def test_resume_with_different_settings_is_refused(tmp_path, shards):
     assert _trainer(tmp_path / "run", shards, cfg=replace(CFG, max_steps=20)).step == 4
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["--min-lr", "-1"], "min_lr (the cosine floor) must be in [0, 0.001]"),  # trained with a negative LR
+    (["--rewarm-start-lr", "-1"], "start_lr (the LR a rewarm starts from) must be in [0, 0.001]"),
+    (["--rewarm-start-lr", "5", "--schedule", "rewarm"], "start_lr (the LR a rewarm starts from)"),
+    (["--eval-every", "-1"], "eval_every must be >= 0, not -1"),
+    (["--save-every", "-1"], "save_every must be >= 0, not -1"),
+    (["--log-every", "-1"], "log_every must be >= 1, not -1"),
+    (["--log-every", "0"], "log_every must be >= 1, not 0"),  # ZeroDivisionError
+    (["--seed", "-1"], "seed must be in [0, "),  # numpy's ValueError
+    (["--seed", str(2**64)], "seed must be in [0, "),  # torch's overflow
+    (["--lr", "nan"], "the peak learning rate must be positive and finite, not nan"),  # torch's ValueError
+    (["--threads", "100000"], "--threads must be at most 256, not 100000"),  # a segfault in OpenBLAS
+])
+def test_bad_train_options_are_one_line_before_anything_loads(tmp_path, capsys, argv, words):
+    from lmlab.cli import main
+
+    # --data holds no shards and --model is unknown: the options are refused first
+    assert main(["lm", "train", "--model", "gpt-17", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+                 *argv]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("damage", ["truncate_state", "garble_state", "truncate_weights"])
 def test_a_corrupt_checkpoint_is_a_checkpoint_error(tmp_path, shards, damage):
     # torch.load's RuntimeError on a truncated trainer_state.pt used to be a traceback

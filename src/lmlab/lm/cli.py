@@ -6,6 +6,8 @@ import click
 
 from lmlab.cli import at_least
 
+MAX_THREADS = 256  # more is never faster, and OpenBLAS crashes (SIGSEGV) when it cannot start that many threads
+
 
 @click.group("models")
 def models_group():
@@ -56,6 +58,7 @@ def tokenize_cmd(data_path, tok_spec, out, validation_fraction):
     """Tokenize text into train/validation token shards for `lmlab lm train`."""
     from lmlab.lm import data
 
+    data.check_validation_fraction(validation_fraction)  # before loading a model for its tokenizer
     tok = _load_tokenizer(tok_spec)
     folders = data.build_token_shards(data.read_texts(data_path), tok, out, validation_fraction=validation_fraction,
                                       source=str(data_path))
@@ -94,7 +97,8 @@ def _load_tokenizer(spec: str):
 @click.option("--save-every", default=200, show_default=True)
 @click.option("--log-every", default=10, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--threads", default=0, callback=at_least(0), help="torch threads per process (0: torch's default).")
+@click.option("--threads", default=0, callback=at_least(0),
+              help=f"torch threads per process (0: torch's default; at most {MAX_THREADS}).")
 @click.option("--no-resume", is_flag=True, help="Refuse to continue an existing run in --out.")
 def train_cmd(model_spec, tok_dir, data_dir, out, threads, no_resume, **cfg):
     """Train a causal LM on token shards (resumable; runs under torchrun for DDP)."""
@@ -106,15 +110,18 @@ def train_cmd(model_spec, tok_dir, data_dir, out, threads, no_resume, **cfg):
     from lmlab.lm import data, models, tokenizer
     from lmlab.lm.train import TrainConfig, Trainer, latest_checkpoint, shutdown_distributed
 
+    config = TrainConfig(**cfg)  # checked before anything loads
+    if threads > MAX_THREADS:
+        raise ConfigError(f"--threads must be at most {MAX_THREADS}, not {threads}")
     if threads:
         torch.set_num_threads(threads)
     if no_resume and latest_checkpoint(out) is not None:
         raise ConfigError(f"{out} already holds a run; drop --no-resume to continue it, or pick another --out")
     tok = tokenizer.load(tok_dir) if tok_dir else None
-    loaded = models.load(model_spec, tokenizer=tok, seed=cfg["seed"])
+    loaded = models.load(model_spec, tokenizer=tok, seed=config.seed)
     train_dir, val_dir = Path(data_dir) / "train", Path(data_dir) / "validation"
     validation = data.TokenShards(val_dir) if (val_dir / "manifest.json").is_file() else None
-    trainer = Trainer(loaded.model, loaded.tokenizer, data.TokenShards(train_dir), TrainConfig(**cfg), out,
+    trainer = Trainer(loaded.model, loaded.tokenizer, data.TokenShards(train_dir), config, out,
                       validation=validation, resume=True)
     if trainer.step and trainer.dist.is_main:
         click.echo(f"resuming {out} from step {trainer.step}")
@@ -133,13 +140,15 @@ def train_cmd(model_spec, tok_dir, data_dir, out, threads, no_resume, **cfg):
               help="Folder of text to learn from.")
 @click.option("--max-mb", default=4.0, show_default=True)
 @click.option("--steps", default=150, show_default=True, help="Training steps (~2 minutes at the default).")
-@click.option("--preset", default="7m", show_default=True, help="tiny:<preset> architecture.")
+@click.option("--preset", default="7m", show_default=True,
+              help="The tiny:<preset> architecture: micro, small or 7m (the tiny: prefix is optional).")
 @click.option("--seed", default=0, show_default=True)
 def demo_cmd(out, source, max_mb, steps, preset, seed):
     """End to end on this machine's text: tokenizer, tiny LM, perplexity before/after, a sample."""
     from lmlab.lm.demo import DemoConfig, run
 
-    run(DemoConfig(out=out, source=source, max_mb=max_mb, steps=steps, preset=preset, seed=seed), echo=click.echo)
+    run(DemoConfig(out=out, source=source, max_mb=max_mb, steps=steps, preset=preset.removeprefix("tiny:"), seed=seed),
+        echo=click.echo)
 
 
 @lm_group.command("perplexity")
@@ -148,7 +157,7 @@ def demo_cmd(out, source, max_mb, steps, preset, seed):
 @click.option("--window", default=1024, show_default=True, help="Tokens the model sees per window (SILO: 1024).")
 @click.option("--stride", default=512, show_default=True, help="Tokens scored per window after the first (SILO: 512).")
 @click.option("--batch-size", default=8, show_default=True)
-@click.option("--max-docs", default=0, help="Score only the first N documents (0: all).")
+@click.option("--max-docs", default=0, callback=at_least(0), help="Score only the first N documents (0: all).")
 def perplexity_cmd(model_spec, data_path, window, stride, batch_size, max_docs):
     """Sliding-window perplexity of any causal LM on your text (documents joined by EOS)."""
     import itertools

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmlab.errors import DataError, ManifestMismatchError
-from lmlab.io import MANIFEST, atomic_dir, read_manifest, write_manifest
+from lmlab.errors import ConfigError, DataError, ManifestMismatchError
+from lmlab.io import MANIFEST, atomic_dir, check_sizes, read_manifest, write_manifest
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 SPLITS = ("train", "validation")
@@ -78,6 +78,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
+def check_validation_fraction(fraction: float) -> None:
+    """The share of documents held out must leave some for training (NaN is refused too)."""
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"the validation fraction must be in [0, 1), not {fraction}")
+
+
 def _in_validation(text: str, fraction: float) -> bool:
     h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
     return (h / 2**64) < fraction
@@ -106,6 +112,7 @@ def build_token_shards(texts: Iterable[str], tokenizer, out_dir: str | os.PathLi
 
     Each folder is written under a temporary name and renamed into place when complete.
     """
+    check_validation_fraction(validation_fraction)
     out_dir = Path(out_dir)
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -183,6 +190,7 @@ class TokenShards:
         self.manifest = read_manifest(self.folder, verify=verify)
         if self.manifest.get("kind") != "token_shards":
             raise DataError(f"{self.folder} is not a token-shard folder (build one with `lmlab lm tokenize`)")
+        check_sizes(self.folder, self.manifest, hint="re-run `lmlab lm tokenize` to rebuild it")  # a truncated shard
         dtype = np.dtype(self.manifest["dtype"])
         names = sorted(n for n in self.manifest["files"] if n.endswith(".bin"))
         self.shards = [np.memmap(self.folder / n, dtype=dtype, mode="r") for n in names]

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lmlab.errors import DataError
+from lmlab.errors import ConfigError, DataError
 
 DOC_ROOT = Path("/usr/share/doc")
 SKIP = ("changelog", "copyright", "news.debian", "license")
@@ -40,6 +41,22 @@ class DemoConfig:
     lr: float = 2e-3
     eval_tokens: int = 32768  # validation tokens scored before/after (sliding window)
     seed: int = 0
+
+    def __post_init__(self):  # checked before any text is collected or a tokenizer trained
+        from lmlab.lm.models import TINY_PRESETS
+
+        if not 0 < self.max_mb < math.inf:  # NaN fails every comparison
+            raise ConfigError(f"max_mb must be positive and finite, not {self.max_mb}")
+        if self.preset not in TINY_PRESETS:
+            raise ConfigError(f"unknown tiny preset {self.preset!r}; choose one of {', '.join(TINY_PRESETS)}")
+        self.train_config()  # steps, seq_len, batch_size, lr, seed
+
+    def train_config(self) -> "TrainConfig":  # noqa: F821
+        from lmlab.lm.train import TrainConfig
+
+        return TrainConfig(seq_len=self.seq_len, batch_size=self.batch_size, max_steps=self.steps, lr=self.lr,
+                           min_lr=self.lr / 10, warmup_steps=max(1, self.steps // 20), eval_every=0,
+                           save_every=max(1, self.steps // 3), log_every=max(1, self.steps // 30), seed=self.seed)
 
 
 MAX_FILE_CHARS = 200_000  # no single file may dominate the demo's few MB (the DejaVu status table is 1.5 MB)
@@ -64,7 +81,8 @@ def machine_texts(root: str | Path = DOC_ROOT, *, max_bytes: int) -> Iterator[st
     """Documentation text under ``root`` (plain or .gz), in path order, until ``max_bytes`` are collected."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root} does not exist; pass --source with a folder of text files")
+        problem = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataError(f"{root} {problem}; pass --source with a folder of text files")
     total = 0
     for p in sorted(root.rglob("*")):
         name = p.name.lower()
@@ -93,7 +111,7 @@ def run(cfg: DemoConfig, *, echo=print) -> dict:
 
     from lmlab.io import write_json_atomic
     from lmlab.lm import data, models, score, tokenizer
-    from lmlab.lm.train import TrainConfig, Trainer
+    from lmlab.lm.train import Trainer
 
     out = Path(cfg.out)
     tok_dir, shard_dir = out / "tokenizer", out / "tokens"
@@ -122,10 +140,7 @@ def run(cfg: DemoConfig, *, echo=print) -> dict:
     before = val_ppl(loaded.model)
     echo(f"[3/4] tiny:{cfg.preset} ({loaded.num_parameters / 1e6:.1f} M params): validation perplexity "
          f"before training {before:,.1f}; training {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens")
-    tcfg = TrainConfig(seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_steps=cfg.steps, lr=cfg.lr,
-                       min_lr=cfg.lr / 10, warmup_steps=max(1, cfg.steps // 20), eval_every=0,
-                       save_every=max(1, cfg.steps // 3), log_every=max(1, cfg.steps // 30), seed=cfg.seed)
-    trainer = Trainer(loaded.model, tok, train, tcfg, out / "run", validation=val)
+    trainer = Trainer(loaded.model, tok, train, cfg.train_config(), out / "run", validation=val)
     trainer.fit()
     model = trainer.model.eval()
     after = val_ppl(model)

@@ -163,14 +163,12 @@ def load(spec: str, *, tokenizer=None, dtype: str = "float32", device: str | Non
 
 def _from_folder(spec: str, torch_dtype):
     """Tokenizer and model of a local folder; missing or broken files are the user's to fix, not a traceback."""
-    import json
-
-    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(spec), AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
-    except (OSError, ValueError, SafetensorError, json.JSONDecodeError) as e:
+    except Exception as e:  # whatever a damaged folder makes transformers raise: OSError, SafetensorError,
+        # JSONDecodeError, StrictDataclassFieldValidationError (a config.json field of the wrong type), ...
         reason = first_line(e, 200)
         raise ModelNotFoundError(f"{spec}: not a loadable Hugging Face model folder ({reason})") from e
 

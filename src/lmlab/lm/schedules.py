@@ -35,8 +35,12 @@ class Schedule:
             raise ConfigError(f"unknown schedule {self.kind!r}; choose one of {', '.join(KINDS)}")
         if self.warmup_steps < 0 or self.total_steps < 1:
             raise ConfigError("warmup_steps must be >= 0 and total_steps >= 1")
-        if self.min_lr > self.max_lr:
-            raise ConfigError(f"min_lr ({self.min_lr}) must not exceed max_lr ({self.max_lr})")
+        if not 0 < self.max_lr < math.inf:  # NaN fails every comparison
+            raise ConfigError(f"the peak learning rate must be positive and finite, not {self.max_lr}")
+        for name, what in (("min_lr", "the cosine floor"), ("start_lr", "the LR a rewarm starts from")):
+            if not 0 <= getattr(self, name) <= self.max_lr:
+                raise ConfigError(f"{name} ({what}) must be in [0, {self.max_lr}] (at most the peak learning rate), "
+                                  f"not {getattr(self, name)}")
 
     def __call__(self, step: int) -> float:
         """The LR for optimizer step ``step`` (0-based)."""

@@ -225,6 +225,25 @@ def _token_strings(tokenizer, ids: list[int]) -> list[str]:
 # -- running it -------------------------------------------------------------------------------------
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` and listening, for uvicorn to serve on; a host that does not resolve or a
+    port that is taken is one :class:`~lmlab.errors.ConfigError` line here, not uvicorn's log lines and exit 3."""
+    from lmlab.errors import ConfigError
+
+    sock = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart may reuse the port
+        sock.bind(address)
+        sock.listen(2048)  # uvicorn's default backlog
+    except OSError as e:  # socket.gaierror for a host that does not resolve, EADDRINUSE, EACCES, ...
+        if sock is not None:
+            sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 @contextlib.contextmanager
 def serve_in_thread(app, *, timeout: float = 30.0) -> Iterator[str]:
     """Serve ``app`` with uvicorn on a free loopback port in a daemon thread; yield ``http://127.0.0.1:PORT/v1``.
@@ -233,9 +252,7 @@ def serve_in_thread(app, *, timeout: float = 30.0) -> Iterator[str]:
     """
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # bound before the thread starts: no race for the port
+    sock = listening_socket("127.0.0.1", 0)  # bound before the thread starts: no race for the port
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"uvicorn-{port}")
@@ -266,10 +283,15 @@ def serve_lm_command(model: str, host: str, port: int, name: str | None, batch_s
     """
     import uvicorn
 
+    from lmlab.errors import ConfigError
     from lmlab.lm import models
 
-    loaded = models.load(model)
-    name = name or model
-    app = create_app(LocalHFBackend(loaded.model, loaded.tokenizer, batch_size=batch_size), name)
-    click.echo(f"serving {name!r} at http://{host}:{port}/v1 (Ctrl-C stops)", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    if name is not None and not name.strip():
+        raise ConfigError("--name must not be empty: clients send it as the model name")
+    sock = listening_socket(host, port)  # before the model loads: a port in use is one line, at once
+    with contextlib.closing(sock):
+        loaded = models.load(model)
+        name = name or model
+        app = create_app(LocalHFBackend(loaded.model, loaded.tokenizer, batch_size=batch_size), name)
+        click.echo(f"serving {name!r} at http://{host}:{sock.getsockname()[1]}/v1 (Ctrl-C stops)", err=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])

@@ -20,6 +20,7 @@ from lmlab.errors import ConfigError, DataError, first_line
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = [EOS, PAD]
+MAX_VOCAB = 2**24  # 64x the largest LLM vocabularies (~256k); `tokenizers` aborts the process on absurd sizes
 
 
 def _wrap(tok) -> "PreTrainedTokenizerFast":  # noqa: F821
@@ -63,8 +64,9 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int = 8192, min_frequency: in
 
     if isinstance(texts, str | bytes):
         raise ConfigError("train_bpe needs an iterable of texts, not one string: pass [text]")
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ConfigError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + specials)")
+    if not 256 + len(SPECIAL_TOKENS) <= vocab_size <= MAX_VOCAB:
+        raise ConfigError(f"vocab_size must be in [{256 + len(SPECIAL_TOKENS)}, {MAX_VOCAB}] (at least the bytes and "
+                          f"special tokens), not {vocab_size}")
     if out_dir is not None:
         _check_replaceable(Path(out_dir))  # before training, not after
     tok = _byte_level_base()

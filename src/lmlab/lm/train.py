@@ -51,6 +51,7 @@ from lmlab.lm.schedules import Schedule
 from lmlab.lm.score import eval_mode
 
 CKPT_RE = re.compile(r"^step-(\d{8})$")
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -80,11 +81,17 @@ class TrainConfig:
         return Schedule(kind=self.schedule, max_lr=self.lr, min_lr=self.min_lr, warmup_steps=self.warmup_steps,
                         total_steps=self.max_steps, start_lr=self.rewarm_start_lr)
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> None:
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1")
-        self.schedule_fn()  # raises on a bad schedule
+        for name, lo in (("seq_len", 1), ("batch_size", 1), ("grad_accum", 1), ("max_steps", 1), ("log_every", 1),
+                         ("eval_batches", 1), ("keep_checkpoints", 1), ("eval_every", 0), ("save_every", 0)):
+            if not getattr(self, name) >= lo:
+                raise ConfigError(f"{name} must be >= {lo}, not {getattr(self, name)}")
+        if not 0 <= self.seed <= MAX_SEED:  # numpy's generators take no negative seed, torch's none above 64 bits
+            raise ConfigError(f"seed must be in [0, {MAX_SEED}], not {self.seed}")
+        self.schedule_fn()  # raises on a bad schedule or learning rate
 
 
 @dataclass

@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 from lmlab.corpus.document import Document
 from lmlab.corpus.licenses import License
+from lmlab.errors import DataError
 
 log = logging.getLogger("lmlab.corpus")
 
@@ -38,6 +40,19 @@ class Harvester:
 
     def documents(self) -> Iterator[Document]:
         raise NotImplementedError
+
+    def check(self) -> None:
+        """Refuse, before anything is written, input that cannot be harvested (a path given by the user that does
+        not exist or is the wrong kind); what only harvesting finds out is counted by :meth:`skip` instead."""
+
+    def check_path(self, path: Path, *, folder: bool | None, hint: str = "") -> None:
+        """:meth:`check` for a user's path: it must exist and be a folder (``folder=True``), a file (False), or
+        either (None); ``hint`` is added to the message for a path of the wrong kind."""
+        if not path.exists():
+            raise DataError(f"--from {self.origin}: {path} does not exist")
+        if folder is not None and path.is_dir() != folder:
+            found, wanted = ("a folder", "a file") if path.is_dir() else ("a file", "a folder")
+            raise DataError(f"--from {self.origin}: {path} is {found}, not {wanted}{hint}")
 
     def skip(self, reason: str, path: str, detail: str = "") -> None:
         """Log and count one bad input (the file is left out, or its licence is unknown); the build goes on."""

@@ -78,6 +78,9 @@ class JsonlHarvester(Harvester):
         super().__init__(origin or f"jsonl:{path}")
         self.path = Path(path)
 
+    def check(self) -> None:
+        self.check_path(self.path, folder=False, hint=" (jsonl: takes one JSONL file, dir: a folder)")
+
     def documents(self) -> Iterator[Document]:
         if not self.path.is_file():
             self.skip("missing", str(self.path))
@@ -91,6 +94,9 @@ class DirHarvester(Harvester):
     def __init__(self, path: str | Path, *, origin: str | None = None):
         super().__init__(origin or f"dir:{path}")
         self.path = Path(path)
+
+    def check(self) -> None:
+        self.check_path(self.path, folder=True, hint=" (dir: takes a folder of text files, jsonl: one JSONL file)")
 
     def documents(self) -> Iterator[Document]:
         if not self.path.is_dir():

@@ -116,6 +116,9 @@ class WheelHarvester(Harvester):
         self.path = Path(path)
         self.config = config
 
+    def check(self) -> None:
+        self.check_path(self.path, folder=None)  # a folder of archives, or one
+
     def archives(self) -> list[Path]:
         if self.path.is_file():
             return [self.path]
