@@ -128,8 +128,9 @@ def test_training_that_diverges_stops_with_one_line_and_saves_nothing(fake_fmnis
     err = capsys.readouterr().err
     assert code == 2 and "training diverged at step" in err and "lower the learning rate" in err, err
     assert not out.exists()
-    with pytest.raises(ConfigError, match="lr and min_lr must be >= 0"):
-        TrainConfig(lr=float("nan"))
+    for lr in (float("nan"), 0.0):
+        with pytest.raises(ConfigError, match="lr must be > 0"):
+            TrainConfig(lr=lr)
     with pytest.raises(ConfigError, match="ewa_beta"):
         TrainConfig(ewa_beta=float("nan"))
 

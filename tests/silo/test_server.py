@@ -159,5 +159,5 @@ def test_serve_on_a_taken_port_is_one_line_before_the_model_loads(tmp_path, monk
             assert main(["silo", "serve", "--datastore", str(tmp_path), "--model", "tiny:micro", "--host", host,
                          "--port", port]) == 2
             err = capsys.readouterr().err
-            assert err.startswith(f"lmlab: error: cannot serve on {host}:{port}: ") and why in err
+            assert err.startswith(f"lmlab: error: cannot listen on {host}:{port}: ") and why in err
             assert err.count("\n") == 1

@@ -39,7 +39,7 @@ def moe_group():
 @click.option("--patch-size", type=int, default=4, show_default=True)
 @click.option("--steps", type=int, default=1500, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, callback=at_least(0))
+@click.option("--lr", type=float, default=1e-3, show_default=True, callback=greater_than(0))
 @click.option("--seed", type=int, default=0, show_default=True, callback=at_least(0))
 @click.option("--data", "data_root", default=None, help="Folder with the Fashion-MNIST IDX files.")
 @click.option("--val-size", type=int, default=5000, show_default=True)

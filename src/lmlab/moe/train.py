@@ -46,8 +46,8 @@ class TrainConfig:
         if self.steps < 1 or self.batch_size < 1:  # an empty batch trains on nothing and logs a NaN loss
             raise ConfigError(f"steps and batch_size must be >= 1, got steps={self.steps}, "
                               f"batch_size={self.batch_size}")
-        if not (0 <= self.lr < math.inf and 0 <= self.min_lr < math.inf):  # NaN fails both
-            raise ConfigError(f"lr and min_lr must be >= 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if not (0 < self.lr < math.inf and 0 <= self.min_lr < math.inf):  # NaN fails both
+            raise ConfigError(f"lr must be > 0 and min_lr >= 0, got lr={self.lr}, min_lr={self.min_lr}")
         if not 0.0 <= self.ewa_beta <= 1.0:  # NaN too  # checked here, before training, not at the first EWA update
             raise ConfigError(f"ewa_beta (EWA's share rate) must be in [0, 1], got {self.ewa_beta}")
 

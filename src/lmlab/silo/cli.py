@@ -329,12 +329,13 @@ def serve_cmd(datastore, model_spec, tokenizer, host, port, audit_log, k, temper
     """Serve generation with attribution, scoring, opt-out (admin token: $LMLAB_SILO_ADMIN_TOKEN) and stats."""
     import uvicorn
 
+    from lmlab.lm.server import listening_socket
     from lmlab.silo import Datastore, KnnLMConfig
-    from lmlab.silo.server import SiloService, audit_log_path, create_app, listen
+    from lmlab.silo.server import SiloService, audit_log_path, create_app
 
     config = KnnLMConfig(k=k, temperature=temperature, lmbda=lmbda, rescore=rescore)
     audit_log = audit_log_path(datastore, audit_log)
-    with listen(host, port) as sock:  # bound before the model loads: a taken port is one line, at once
+    with listening_socket(host, port) as sock:  # bound before the model loads: a taken port is one line, at once
         loaded = _load_model(model_spec, tokenizer)
         service = SiloService(loaded, Datastore.load(datastore, loaded), config, audit_log=audit_log)
         click.echo(f"serving SILO at http://{host}:{sock.getsockname()[1]}/v1 (docs at /docs)", err=True)

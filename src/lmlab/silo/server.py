@@ -26,7 +26,6 @@ meanwhile; its own opt-outs merge with those on disk.
 import hmac
 import json
 import os
-import socket
 import threading
 import time
 from dataclasses import asdict
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lmlab.errors import ConfigError, DataError
+from lmlab.errors import DataError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -108,22 +107,6 @@ def audit_log_path(datastore_folder: str | os.PathLike, audit_log: str | os.Path
 
     folder = Path(os.path.abspath(datastore_folder))  # "." has no name to put ".audit.jsonl" after
     return output_file(audit_log or folder.with_name(folder.name + ".audit.jsonl"), "the audit log")
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` for uvicorn, or ConfigError saying why not (the port is taken, the host is
-    not an address of this machine): one line before the model loads, not uvicorn's log after it."""
-    sock = None
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
-        sock.bind(address)
-    except OSError as e:
-        if sock is not None:
-            sock.close()
-        raise ConfigError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
-    return sock
 
 
 def _error(status: int, message: str):
