@@ -225,7 +225,6 @@ class Trainer:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # "Writing model shards" bars at every checkpoint
-        config.validate()
         train.check_tokenizer(tokenizer)
         if validation is not None:
             validation.check_tokenizer(tokenizer)

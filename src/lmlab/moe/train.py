@@ -79,44 +79,37 @@ def train_classifier(model: ViT, data: ImageSplit, config: TrainConfig, *, progr
     n = len(data)
     perm, cursor = torch.randperm(n, generator=gen), 0
     losses, aux_losses, times = [], [], []
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(total=config.steps, desc="train", leave=False)
     model.train()
-    for step in range(config.steps):
-        if cursor + config.batch_size > n:
-            perm, cursor = torch.randperm(n, generator=gen), 0
-        idx = perm[cursor:cursor + config.batch_size]
-        cursor += config.batch_size
-        x, y = data.images[idx], data.labels[idx]
-        t0 = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = schedule(step)
-        out = model(x)
-        loss = F.cross_entropy(out.logits, y)
-        opt.zero_grad(set_to_none=True)
-        (loss + out.aux_loss).backward()
-        if config.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
-        if config.ewa_beta > 0:
-            ewa_update_(model, config.ewa_beta)
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):  # every later step would be NaN too, and the saved model useless
-            if bar is not None:
-                bar.close()
-            raise ConfigError(f"training diverged at step {step + 1}: the loss is {losses[-1]}; lower the learning "
-                              f"rate (lr={config.lr})")
-        aux_losses.append(float(out.aux_loss.detach()))
-        if bar is not None:
+    with tqdm(total=config.steps, desc="train", leave=False, disable=not progress) as bar:  # closed on any exit
+        for step in range(config.steps):
+            if cursor + config.batch_size > n:
+                perm, cursor = torch.randperm(n, generator=gen), 0
+            idx = perm[cursor:cursor + config.batch_size]
+            cursor += config.batch_size
+            x, y = data.images[idx], data.labels[idx]
+            t0 = time.perf_counter()
+            for group in opt.param_groups:
+                group["lr"] = schedule(step)
+            out = model(x)
+            loss = F.cross_entropy(out.logits, y)
+            opt.zero_grad(set_to_none=True)
+            (loss + out.aux_loss).backward()
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            opt.step()
+            if config.ewa_beta > 0:
+                ewa_update_(model, config.ewa_beta)
+            times.append(time.perf_counter() - t0)
+            losses.append(loss.item())
+            if not math.isfinite(losses[-1]):  # every later step would be NaN too, and the saved model useless
+                raise ConfigError(f"training diverged at step {step + 1}: the loss is {losses[-1]}; lower the "
+                                  f"learning rate (lr={config.lr})")
+            aux_losses.append(float(out.aux_loss.detach()))
             bar.update(1)
             if step % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-    if bar is not None:
-        bar.close()
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return TrainResult(losses=losses, step_seconds=times, config=config, aux_losses=aux_losses)
 
 

@@ -73,6 +73,7 @@ def silo_group():
 
 
 def _options(*options):
+    """One decorator applying click ``options`` in the order given (a group of options several commands share)."""
     def decorate(f):
         for opt in reversed(options):
             f = opt(f)
@@ -159,15 +160,11 @@ def merge_cmd(shards, out, factory, nprobe, **encoding):
     click.echo(f"datastore {out}: {ds.n_entries} entries from {len(shards)} shards")
 
 
-def _knn_options(f):
-    for opt in reversed([
-        click.option("--k", default=1024, show_default=True),
-        click.option("--temperature", default=1.0, show_default=True),
-        click.option("--lmbda", default=0.25, show_default=True, help="Weight of p_kNN in the interpolation."),
-        click.option("--rescore", is_flag=True, help="Exact distances from fp16 keys (approximate indexes)."),
-    ]):
-        f = opt(f)
-    return f
+_knn_options = _options(
+    click.option("--k", default=1024, show_default=True),
+    click.option("--temperature", default=1.0, show_default=True),
+    click.option("--lmbda", default=0.25, show_default=True, help="Weight of p_kNN in the interpolation."),
+    click.option("--rescore", is_flag=True, help="Exact distances from fp16 keys (approximate indexes)."))
 
 
 @silo_group.command("eval")
@@ -184,8 +181,8 @@ def _knn_options(f):
 @click.option("--json", "json_out", default=None, type=click.Path(), help="Also write the numbers here.")
 def eval_cmd(datastore, model_spec, tokenizer, validation, test_path, ric, ric_window, max_docs, rescore, json_out):
     """Tune kNN-LM on validation (silo-lm grid), report parametric / kNN-LM (/ RIC-LM) perplexity on test."""
+    from lmlab.io import output_file
     from lmlab.silo import Datastore, KnnLM, KnnLMConfig
-    from lmlab.silo.datastore import output_file
 
     if ric_window is not None and not ric:
         raise ConfigError("--ric-window is the window of RIC-LM: give --ric too, or drop it")
@@ -358,9 +355,8 @@ def serve_cmd(datastore, model_spec, tokenizer, host, port, audit_log, k, temper
 def pipeline_cmd(corpus_dir, model_spec, tokenizer, out, max_docs, window, prompt, reference_spec):
     """Datastore from the restricted train split, tune on validation, report on test, one attributed sample."""
     from lmlab.errors import DataError
-    from lmlab.io import write_json_atomic
+    from lmlab.io import output_folder, write_json_atomic
     from lmlab.silo import DatastoreConfig, KnnLM, KnnLMConfig, build_datastore
-    from lmlab.silo.datastore import output_folder
     from lmlab.silo.ric_lm import RicLM, RicLMConfig
 
     corpus_dir, out = Path(corpus_dir), output_folder(out, "--out")
@@ -436,8 +432,7 @@ def demo_cmd(work, corpus, max_mb_per_source, steps, preset, permissive_mb, rest
 
     About 11 minutes on 2 cores at the defaults, install included (`make demo` from a fresh clone).
     """
-    from lmlab.io import write_json_atomic
-    from lmlab.silo.datastore import output_folder
+    from lmlab.io import output_folder, write_json_atomic
     from lmlab.silo.experiment import ExperimentConfig, SiloExperiment, format_table, with_overrides
 
     if corpus and max_mb_per_source is not None:

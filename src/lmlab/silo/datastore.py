@@ -479,27 +479,6 @@ def _abs(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(path))
 
 
-def output_file(path: str | os.PathLike, what: str) -> Path:
-    """``path`` if a file can be written there, else DataError naming ``what`` (e.g. ``--json``): it is a folder,
-    or lies under a file. Checked before the work whose result goes there, not after it."""
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(f"{what} {path} is a folder: give the path of a file")
-    output_folder(path.parent, what, shown=path)
-    return path
-
-
-def output_folder(path: str | os.PathLike, what: str, *, shown: Path | None = None) -> Path:
-    """``path`` if a folder can be made or used there, else DataError naming ``what``: it or a parent is a file."""
-    path = Path(path)
-    for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise DataError(f"{what} {shown or path} cannot be written: {p} is a file, not a folder")
-            break
-    return path
-
-
 def merge_tombstones(*tombstones: dict) -> dict:
     """The union of opt-out tombstones (doc ids, sources, licence classes): an opt-out is never undone."""
     return {k: sorted(set().union(*(t.get(k, ()) for t in tombstones))) for k in NO_TOMBSTONES}

@@ -158,7 +158,6 @@ class KnnLM:
     def __init__(self, loaded, datastore, config: KnnLMConfig = KnnLMConfig()):
         from lmlab.silo.datastore import check_compatible
 
-        config.validate()
         check_compatible(datastore.manifest, loaded, where=str(datastore.folder))
         self.loaded, self.datastore, self.config = loaded, datastore, config
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
@@ -169,8 +168,7 @@ class KnnLM:
     def with_config(self, **changes) -> KnnLM:
         out = KnnLM.__new__(KnnLM)
         out.__dict__.update(self.__dict__)
-        out.config = replace(self.config, **changes)
-        out.config.validate()
+        out.config = replace(self.config, **changes)  # replace() validates it again (__post_init__)
         return out
 
     # search helpers

@@ -103,7 +103,7 @@ class SiloService:
 def audit_log_path(datastore_folder: str | os.PathLike, audit_log: str | os.PathLike | None = None) -> Path:
     """Where opt-outs are audited: ``audit_log``, or ``DATASTORE.audit.jsonl`` beside the datastore; DataError if no
     file can be written there (a folder), found before serving rather than at the first opt-out."""
-    from lmlab.silo.datastore import output_file
+    from lmlab.io import output_file
 
     folder = Path(os.path.abspath(datastore_folder))  # "." has no name to put ".audit.jsonl" after
     return output_file(audit_log or folder.with_name(folder.name + ".audit.jsonl"), "the audit log")
