@@ -62,6 +62,17 @@ def at_least(lo: float):
     return _number_check(lambda v: v >= lo, f"at least {lo}")
 
 
+MAX_THREADS = 256  # more is never faster, and OpenBLAS crashes (SIGSEGV) when it cannot start that many threads
+
+
+def thread_count(ctx, param, value):
+    """The callback of every ``--threads`` option: 0 (torch's default) to :data:`MAX_THREADS`."""
+    at_least(0)(ctx, param, value)
+    if value is not None and value > MAX_THREADS:
+        raise ConfigError(f"{param.opts[0]} must be at most {MAX_THREADS}, not {value}")
+    return value
+
+
 def greater_than(lo: float):
     return _number_check(lambda v: v > lo, f"greater than {lo}")
 

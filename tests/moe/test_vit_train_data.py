@@ -155,7 +155,8 @@ def test_empty_batches_and_training_sets_are_refused(fake_fmnist):
                                       (["--ewa", "--ewa-beta", "-0.5"], "--ewa-beta"),
                                       (["--lr", "nan"], "--lr"), (["--ewa-beta", "5"], "--ewa-beta"),
                                       (["--mlp", "soft", "--k", "0"], "--k"), (["--experts", "-1"], "--experts"),
-                                      (["--seed", "-1"], "--seed")])
+                                      (["--seed", "-1"], "--seed"),
+                                      (["--threads", "100000"], "--threads must be at most 256")])
 def test_cli_train_refuses_bad_sizes_in_one_line(fake_fmnist, tmp_path, capsys, args, why):
     from lmlab.cli import main
 

@@ -137,6 +137,8 @@ def test_prompt_command_answers_a_base_model_in_completion_format(catalog, model
     (["bench", "cloud-cli", "--catalog", "{cat}", "--n-demos", "-2", "--model", "tiny:micro"],
      "--n-demos must be at least 0, not -2"),
     (["prompt", "{cat}", "knob", "--n-docs", "0"], "--n-docs must be at least 1, not 0"),
+    (["bench", "cloud-cli", "--catalog", "{cat}", "--threads", "100000", "--model", "tiny:micro"],
+     "--threads must be at most 256, not 100000"),
     (["retrieve", "{cat}", "  "], "REQUEST is empty"),
     (["prompt", "{cat}", ""], "REQUEST is empty"),
     (["retrieve", "{cat}", "knob", "--method", "dense", "--model", "{empty}"], "is not a sentence-transformers model"),

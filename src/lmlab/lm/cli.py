@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import click
 
-from lmlab.cli import at_least
-
-MAX_THREADS = 256  # more is never faster, and OpenBLAS crashes (SIGSEGV) when it cannot start that many threads
+from lmlab.cli import MAX_THREADS, at_least, thread_count
 
 
 @click.group("models")
@@ -97,7 +95,7 @@ def _load_tokenizer(spec: str):
 @click.option("--save-every", default=200, show_default=True)
 @click.option("--log-every", default=10, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--threads", default=0, callback=at_least(0),
+@click.option("--threads", default=0, callback=thread_count,
               help=f"torch threads per process (0: torch's default; at most {MAX_THREADS}).")
 @click.option("--no-resume", is_flag=True, help="Refuse to continue an existing run in --out.")
 def train_cmd(model_spec, tok_dir, data_dir, out, threads, no_resume, **cfg):
@@ -111,8 +109,6 @@ def train_cmd(model_spec, tok_dir, data_dir, out, threads, no_resume, **cfg):
     from lmlab.lm.train import TrainConfig, Trainer, latest_checkpoint, shutdown_distributed
 
     config = TrainConfig(**cfg)  # checked before anything loads
-    if threads > MAX_THREADS:
-        raise ConfigError(f"--threads must be at most {MAX_THREADS}, not {threads}")
     if threads:
         torch.set_num_threads(threads)
     if no_resume and latest_checkpoint(out) is not None:

@@ -11,7 +11,7 @@ import json
 
 import click
 
-from lmlab.cli import at_least, between, greater_than
+from lmlab.cli import MAX_THREADS, at_least, between, greater_than, thread_count
 
 MLP_KINDS = ("dense", "soft", "token_choice", "expert_choice", "ewa")
 
@@ -44,7 +44,8 @@ def moe_group():
 @click.option("--data", "data_root", default=None, help="Folder with the Fashion-MNIST IDX files.")
 @click.option("--val-size", type=int, default=5000, show_default=True)
 @click.option("--train-size", type=int, default=None, help="Use only this many training images.")
-@click.option("--threads", type=int, default=0, callback=at_least(0), help="torch threads (0: torch's default).")
+@click.option("--threads", type=int, default=0, callback=thread_count,
+              help=f"torch threads (0: torch's default; at most {MAX_THREADS}).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
 def train_cmd(kind, ewa, ewa_beta, num_experts, moe_layers, capacity_factor, k, dim, depth, heads, patch_size, steps,
               batch_size, lr, seed, data_root, val_size, train_size, threads, out):

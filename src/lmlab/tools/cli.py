@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from lmlab.cli import at_least
+from lmlab.cli import MAX_THREADS, at_least, thread_count
 from lmlab.errors import ConfigError
 
 DEFAULT_MAN = "/usr/share/man/man1/gcloud_*.1.gz"
@@ -184,8 +184,8 @@ def bench_group():
 @click.option("--retriever", type=click.Choice(["bm25", "dense"]), default="bm25", show_default=True)
 @click.option("--max-tokens", default=64, show_default=True, callback=at_least(1))
 @click.option("--seed", default=0, show_default=True, help="seed of the request sample")
-@click.option("--threads", default=1, show_default=True, callback=at_least(0),
-              help="torch threads (0: torch's default)")
+@click.option("--threads", default=1, show_default=True, callback=thread_count,
+              help=f"torch threads (0: torch's default; at most {MAX_THREADS})")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="write scores and records as JSON")
 def bench_cloud_cli(catalog, mode, model, limit, split, n_docs, n_demos, budget, retriever, max_tokens, seed,
                     threads, out):
